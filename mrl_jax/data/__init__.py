@@ -1,0 +1,1 @@
+"""Input pipelines: TFDS data sets, including the offline default (digits)."""

@@ -1,0 +1,43 @@
+"""Encoders and the encoder+head classifier.
+
+:func:`build_classifier` turns a config into a :class:`Classifier`; later
+backbones register themselves in :data:`ENCODERS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from mrl_jax.heads import FixedFeatureHead, MRLHead
+from mrl_jax.models.classifier import Classifier, head_dims
+from mrl_jax.models.small import CNN, MLP
+
+ENCODERS: dict[str, Any] = {"mlp": MLP, "cnn": CNN}
+HEADS = ("mrl", "mrl_e", "ff")
+
+__all__ = ["CNN", "ENCODERS", "HEADS", "MLP", "Classifier", "build_classifier", "head_dims"]
+
+
+def build_classifier(config: Any, num_classes: int) -> Classifier:
+  """The classifier described by ``config`` (already validated by ``config_lib``).
+
+  Uses ``config.encoder`` (``name`` plus the encoder's keyword arguments,
+  including ``embed_dim``), ``config.head`` (``"mrl"``, ``"mrl_e"`` or ``"ff"``),
+  ``config.nesting.dims``, ``config.ff_dim`` and ``config.half_precision``.
+  """
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  kwargs = dict(config.encoder)
+  name = kwargs.pop("name")
+  if name not in ENCODERS:
+    raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
+  encoder = ENCODERS[name](dtype=dtype, **kwargs)
+  if config.head == "ff":
+    head = FixedFeatureHead(num_classes, int(config.ff_dim), dtype=dtype)
+  elif config.head in ("mrl", "mrl_e"):
+    head = MRLHead(num_classes, tuple(config.nesting.dims), tied=config.head == "mrl_e",
+                   dtype=dtype)
+  else:
+    raise ValueError(f"unknown head {config.head!r}; choose one of {HEADS}")
+  return Classifier(encoder=encoder, head=head)
