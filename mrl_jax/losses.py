@@ -35,7 +35,6 @@ def softmax_cross_entropy_per_dim(
   chex.assert_rank(logits, 3)
   chex.assert_rank(labels, 1)
   chex.assert_equal(logits.shape[1], labels.shape[0])
-  num_classes = logits.shape[-1]
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, labels[None, :, None].astype(jnp.int32), axis=-1)[..., 0]
   if not label_smoothing:
