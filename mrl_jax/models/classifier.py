@@ -25,12 +25,14 @@ class Classifier(nn.Module):
   encoder: nn.Module
   head: nn.Module
 
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """``x [B, ...] -> logits [M, B, C]``."""
-    logits = self.head(self.encoder(x, train=train))
+  def __call__(self, x: jax.Array, train: bool = False,
+               return_embedding: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``x [B, ...] -> logits [M, B, C]`` (and ``z [B, D]`` if ``return_embedding``)."""
+    z = self.encoder(x, train=train)
+    logits = self.head(z)
     if isinstance(self.head, FixedFeatureHead):
       logits = logits[None]
-    return logits
+    return (logits, z) if return_embedding else logits
 
   def embed(self, x: jax.Array, train: bool = False) -> jax.Array:
     """``x [B, ...] -> z [B, D]``, the full (untruncated, unnormalised) embedding."""
