@@ -19,9 +19,9 @@ import orbax.checkpoint as ocp
 
 import mrl_jax
 
-# Config fields that decide the shapes in a checkpoint; resuming with any of
+# Config fields that decide the structure and shapes in a checkpoint; resuming with any of
 # them changed cannot work, so it is refused up front.
-MODEL_FIELDS = ("dataset", "encoder", "head", "nesting", "ff_dim")
+MODEL_FIELDS = ("dataset", "encoder", "head", "nesting", "ff_dim", "optimizer")
 
 
 class CheckpointError(ValueError):

@@ -6,8 +6,50 @@ Tests that need several devices start a subprocess with
 
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests compile the same tiny programs many times (and in subprocesses):
+# a persistent compilation cache turns most of those compiles into disk reads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "mrl_jax_test_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir: str, **overrides):
+  """The base digits config shrunk to seconds: a 16-d MLP embedding, 30 steps."""
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import digits_mlp
+
+  config = digits_mlp.get_config()
+  config.data_dir = data_dir
+  config.encoder.hidden = (32,)
+  config.encoder.embed_dim = 16
+  config.nesting.start = 2
+  config.batch_size = 32
+  config.num_train_steps = 30
+  config.warmup_steps = 5
+  config.learning_rate = 1e-2
+  config.log_every_steps = 10
+  config.eval_every_steps = 30
+  config.checkpoint_every_steps = 10
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+  """A TFDS data_dir with the digits builder prepared once for the session."""
+  from mrl_jax.data import pipeline
+
+  path = str(tmp_path_factory.mktemp("tfds"))
+  pipeline.get_builder("sklearn_digits", path)
+  return path

@@ -42,35 +42,48 @@ class DatasetSpec:
 def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The TFDS builder for ``name``; local builders are prepared on first use.
 
-  Raises:
-    FileNotFoundError: for a non-local data set that is not prepared under
-      ``data_dir`` (mrl_jax never downloads at run time).
+  Other data sets must already be prepared under ``data_dir``: mrl_jax never
+  downloads at run time (:func:`dataset_spec` says so if they are not).
   """
   if name in LOCAL_BUILDERS:
     builder = LOCAL_BUILDERS[name](data_dir=data_dir)
     builder.download_and_prepare()
     return builder
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not _is_prepared(builder):
+  return tfds.builder(name, data_dir=data_dir)
+
+
+def split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """Number of examples in ``split``, from the builder's info.
+
+  Builders whose info has no split sizes (``tfds.testing.mock_data``) are
+  counted by one pass over the split.
+
+  Raises:
+    FileNotFoundError: the data set is not prepared under its ``data_dir``.
+  """
+  try:
+    return builder.info.splits[split].num_examples
+  except KeyError:
+    pass
+  try:
+    ds = builder.as_dataset(split=split)
+  except AssertionError as e:  # TFDS's "call download_and_prepare()" message
     raise FileNotFoundError(
-        f"TFDS data set {name!r} is not prepared in data_dir={builder.data_dir!r}; "
-        "prepare it there (e.g. `tfds build`) and pass --config.data_dir")
-  return builder
-
-
-def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
-  return tf.io.gfile.exists(builder.data_path / "dataset_info.json")
+        f"TFDS data set {builder.name!r} is not prepared in data_dir={builder.data_dir!r}; "
+        "mrl_jax never downloads at run time: prepare it there (e.g. `tfds build`) and "
+        f"pass --config.data_dir ({e})") from e
+  return int(ds.reduce(0, lambda n, _: n + 1))
 
 
 def dataset_spec(builder: tfds.core.DatasetBuilder, train_split: str,
                  eval_split: str) -> DatasetSpec:
   """Class count, image shape and split sizes read from the builder's info."""
-  info = builder.info
+  features = builder.info.features
   return DatasetSpec(
-      num_classes=info.features["label"].num_classes,
-      image_shape=tuple(info.features["image"].shape),
-      num_train_examples=info.splits[train_split].num_examples,
-      num_eval_examples=info.splits[eval_split].num_examples,
+      num_classes=features["label"].num_classes,
+      image_shape=tuple(features["image"].shape),
+      num_train_examples=split_size(builder, train_split),
+      num_eval_examples=split_size(builder, eval_split),
   )
 
 
@@ -118,7 +131,7 @@ def eval_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: i
     ``{"image": [b, ...], "label": [b], "mask": [b] float32}``.
   """
   local = _local_batch_size(batch_size)
-  total = builder.info.splits[split].num_examples
+  total = split_size(builder, split)
   per_process = -(-total // jax.process_count())
   num_batches = -(-per_process // local)
   ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)

@@ -1,0 +1,48 @@
+import pytest
+from conftest import tiny_config
+
+from mrl_jax import config_lib
+
+
+def test_derived_fields_are_filled_in():
+  config = config_lib.validate_config(tiny_config("unused"))
+  assert config.nesting.dims == (2, 4, 8, 16)
+  assert config.nesting.weights == (1.0,) * 4
+  assert config_lib.eval_dims(config) == (2, 4, 8, 16)
+  ff = config_lib.validate_config(tiny_config("unused", head="ff"))
+  assert ff.ff_dim == 16 and config_lib.eval_dims(ff) == (16,)
+  assert config_lib.loss_weights(ff) == (1.0,)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(head="mrl2"), "config.head='mrl2'"),
+    (dict(head="ff", ff_dim=32), "ff_dim=32 is larger than encoder.embed_dim=16"),
+    (dict(optimizer="lamb"), "optimizer='lamb'"),
+    (dict(schedule="step"), "schedule='step'"),
+    (dict(label_smoothing=1.0), "label_smoothing=1.0"),
+    (dict(batch_size=0), "batch_size must be a positive int, got 0"),
+    (dict(num_epochs=3.0), "exactly one of"),
+    (dict(log_every_steps=0), "log_every_steps must be a positive int"),
+])
+def test_bad_fields_are_named(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate_config(tiny_config("unused", **overrides))
+
+
+def test_nesting_is_validated_against_the_embedding():
+  config = tiny_config("unused")
+  config.nesting.dims = (4, 32)
+  with pytest.raises(ValueError, match="nesting dim 32 is larger than the embedding size"):
+    config_lib.validate_config(config)
+  config.nesting.dims = (8, 4)
+  with pytest.raises(ValueError, match="strictly increasing"):
+    config_lib.validate_config(config)
+  config.nesting.dims = (4, 8)
+  config.nesting.weights = (1.0,)
+  with pytest.raises(ValueError, match="1 weights for 2 nesting dims"):
+    config_lib.validate_config(config)
+
+
+def test_batch_must_divide_over_devices():
+  with pytest.raises(ValueError, match="batch_size=32 does not divide evenly over 3 devices"):
+    config_lib.validate_config(tiny_config("unused"), num_devices=3)
