@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mrl_jax.nesting import Nesting
-from mrl_jax.prefix_matmul import prefix_matmul
+from mrl_jax.prefix_matmul import prefix_matmul_nt
 
 
 def softmax_cross_entropy_per_dim(
@@ -404,11 +405,33 @@ def matryoshka(
   return loss
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _prefix_sq_norms(x: jax.Array, dims: tuple[int, ...]) -> jax.Array:
-  """``[N, D] -> [M, N]``: ``||x[n, :m]||^2`` for every nested size, by block sums + cumsum."""
+  """``[N, D] -> [M, N]``: ``||x[n, :m]||^2`` for every nested size, by block sums + cumsum.
+
+  The hand-written backward (``d/dx[n, d] = 2 x[n, d] * sum_{m > d} g[m, n]``)
+  is one elementwise pass, where autodiff would pad every block's gradient back
+  to ``[N, D]``.
+  """
+  return _prefix_sq_norms_fwd(x, dims)[0]
+
+
+def _prefix_sq_norms_fwd(x, dims):
   starts = (0,) + dims[:-1]
   blocks = [jnp.sum(jnp.square(x[:, s:e]), axis=1) for s, e in zip(starts, dims, strict=True)]
-  return jnp.cumsum(jnp.stack(blocks), axis=0)
+  return jnp.cumsum(jnp.stack(blocks), axis=0), x
+
+
+def _prefix_sq_norms_bwd(dims, x, g):
+  # Block j feeds every prefix i >= j: its cotangent is a reverse cumsum over sizes.
+  per_block = jnp.flip(jnp.cumsum(jnp.flip(g, 0), axis=0), 0)  # [M, N]
+  sizes = np.diff((0,) + dims)
+  per_dim = jnp.repeat(per_block, sizes, axis=0, total_repeat_length=dims[-1])  # [m_M, N]
+  dx = 2.0 * x[:, : dims[-1]] * per_dim.T
+  return (jnp.pad(dx, ((0, 0), (0, x.shape[1] - dims[-1]))),)
+
+
+_prefix_sq_norms.defvjp(_prefix_sq_norms_fwd, _prefix_sq_norms_bwd)
 
 
 def nested_in_batch_softmax_per_dim(
@@ -426,7 +449,7 @@ def nested_in_batch_softmax_per_dim(
   :func:`symmetric_in_batch_softmax` when ``symmetric``; hard negatives are then
   used in the anchor-to-candidate direction only). Instead of one similarity
   matmul per size, the dot products of every prefix come from one blocked matmul
-  and a cumulative sum (:func:`~mrl_jax.prefix_matmul.prefix_matmul`), and the
+  and a cumulative sum (:func:`~mrl_jax.prefix_matmul.prefix_matmul_nt`), and the
   prefix norms from cumulative block sums of squares:
   ``cos_m(a_i, c_j) = (sum_{d < m} a_id c_jd) / (||a_i[:m]|| * ||c_j[:m]||)``.
 
@@ -447,7 +470,7 @@ def nested_in_batch_softmax_per_dim(
     raise ValueError("symmetric=True takes no hard negatives")
   a = jnp.asarray(anchors, jnp.float32)
   c = jnp.asarray(_candidates(positives, negatives), jnp.float32)
-  dots = prefix_matmul(a, c.T, dims)  # [M, B, N]
+  dots = prefix_matmul_nt(a, c, dims)  # [M, B, N]
   floor = _NORM_EPS * _NORM_EPS
   inv_a = jax.lax.rsqrt(jnp.maximum(_prefix_sq_norms(a, dims), floor))  # [M, B]
   inv_c = jax.lax.rsqrt(jnp.maximum(_prefix_sq_norms(c, dims), floor))  # [M, N]
