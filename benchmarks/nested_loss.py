@@ -17,14 +17,19 @@ times are printed, with ratios to ``plain``. The target is fused <= 1.4x.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax import losses
-from mrl_jax.nesting import default_dims
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import device_line  # noqa: E402
+
+from mrl_jax import losses  # noqa: E402
+from mrl_jax.nesting import default_dims  # noqa: E402
 
 SETTINGS = (
     ("D=768, dims 64..768", 768, (64, 128, 256, 512, 768)),
@@ -57,7 +62,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--rounds", type=int, default=60)
   flags = parser.parse_args()
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} batch={flags.batch}")
+  print(f"{device_line()}, batch {flags.batch}")
   for title, embed_dim, dims in SETTINGS:
     rng = np.random.default_rng(0)
     args = tuple(jnp.asarray(rng.normal(size=(flags.batch, embed_dim)), jnp.float32)
