@@ -256,6 +256,17 @@ def _is_float_array(x) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
+def _named_slots(spec: tuple[int | str, ...], args: tuple, kwargs: dict, what: str,
+                 ) -> tuple[list[int], list[str]]:
+  """Split an explicit argument spec into positions and keyword names present in this call."""
+  pos = [i for i in spec if isinstance(i, int)]
+  names = [k for k in spec if isinstance(k, str)]
+  missing = [i for i in pos if i >= len(args)] + [k for k in names if k not in kwargs]
+  if missing:
+    raise ValueError(f"{what} {missing} are not in this call")
+  return pos, names
+
+
 def _embedding_slots(
     args: tuple, kwargs: dict, embedding_args: tuple[int | str, ...] | None,
 ) -> tuple[int, list[int], list[str]]:
@@ -268,11 +279,7 @@ def _embedding_slots(
   and Python scalars are passed through untouched.
   """
   if embedding_args is not None:
-    pos = [i for i in embedding_args if isinstance(i, int)]
-    names = [k for k in embedding_args if isinstance(k, str)]
-    missing = [i for i in pos if i >= len(args)] + [k for k in names if k not in kwargs]
-    if missing:
-      raise ValueError(f"embedding_args {list(missing)} are not in this call")
+    pos, names = _named_slots(embedding_args, args, kwargs, "embedding_args")
     chosen = [args[i] for i in pos] + [kwargs[k] for k in names]
   else:
     if not args or not _is_float_array(args[0]) or args[0].ndim < 2:
@@ -558,11 +565,7 @@ def _layer_slots(args: tuple, kwargs: dict, layer_args: tuple[int | str, ...] | 
         f"embeddings [L, B, D], got {getattr(args[0], 'shape', None) if args else 'nothing'}")
   num_layers, dim = args[0].shape[0], args[0].shape[-1]
   if layer_args is not None:
-    pos = [i for i in layer_args if isinstance(i, int)]
-    names = [k for k in layer_args if isinstance(k, str)]
-    missing = [i for i in pos if i >= len(args)] + [k for k in names if k not in kwargs]
-    if missing:
-      raise ValueError(f"layer_args {list(missing)} are not in this call")
+    pos, names = _named_slots(layer_args, args, kwargs, "layer_args")
     for x in [args[i] for i in pos] + [kwargs[k] for k in names]:
       if x.shape[0] != num_layers:
         raise ValueError(f"per-layer arguments disagree on L: {x.shape[0]} vs {num_layers}")

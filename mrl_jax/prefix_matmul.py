@@ -43,11 +43,7 @@ def prefix_matmul(x: jax.Array, w: jax.Array, dims: Sequence[int]) -> jax.Array:
     ``[M, B, C]`` with ``out[i] = x[:, :dims[i]] @ w[:dims[i]]``, accumulated in
     float32 and returned in the promoted dtype of ``x`` and ``w``.
   """
-  dims = tuple(int(m) for m in dims)
-  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-    raise ValueError(f"prefix_matmul needs x[B, D] and w[D, C], got {x.shape} and {w.shape}")
-  if dims[-1] > x.shape[1]:
-    raise ValueError(f"largest nesting dim {dims[-1]} exceeds the inner size {x.shape[1]}")
+  dims = _checked(x, w, dims, w_t=False)
   return _prefix_matmul(x, w, dims, False)
 
 
@@ -68,12 +64,20 @@ def prefix_matmul_nt(x: jax.Array, y: jax.Array, dims: Sequence[int]) -> jax.Arr
   Returns:
     ``[M, B, N]`` with ``out[i] = x[:, :dims[i]] @ y[:, :dims[i]].T``.
   """
+  dims = _checked(x, y, dims, w_t=True)
+  return _prefix_matmul(x, y, dims, True)
+
+
+def _checked(x, w, dims, w_t: bool) -> tuple[int, ...]:
+  """``dims`` as ints after checking the operands' shapes (``w`` is ``[N, D]`` when ``w_t``)."""
   dims = tuple(int(m) for m in dims)
-  if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-    raise ValueError(f"prefix_matmul_nt needs x[B, D] and y[N, D], got {x.shape} and {y.shape}")
+  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1 if w_t else 0]:
+    want = ("prefix_matmul_nt needs x[B, D] and y[N, D]" if w_t
+            else "prefix_matmul needs x[B, D] and w[D, C]")
+    raise ValueError(f"{want}, got {x.shape} and {w.shape}")
   if dims[-1] > x.shape[1]:
     raise ValueError(f"largest nesting dim {dims[-1]} exceeds the inner size {x.shape[1]}")
-  return _prefix_matmul(x, y, dims, True)
+  return dims
 
 
 def _dot(a, b, contract_a: int, contract_b: int):
