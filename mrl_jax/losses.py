@@ -475,17 +475,67 @@ def nested_in_batch_softmax_per_dim(
   dims = Nesting(tuple(dims), embed_dim=anchors.shape[1]).dims
   if symmetric and negatives is not None:
     raise ValueError("symmetric=True takes no hard negatives")
+  if isinstance(scale, (int, float)) and not scale > 0:
+    raise ValueError(f"scale must be positive, got {scale!r}")
   a = jnp.asarray(anchors, jnp.float32)
   c = jnp.asarray(_candidates(positives, negatives), jnp.float32)
   dots = prefix_matmul_nt(a, c, dims)  # [M, B, N]
+  return _cosine_softmax_ce(dots, _prefix_sq_norms(a, dims), _prefix_sq_norms(c, dims),
+                            jnp.asarray(scale, jnp.float32), symmetric)
+
+
+def _cosine_logits(dots, sq_a, sq_c, scale):
+  """Cosine logits ``s * dots / (||a|| ||c||)`` and the inverse norms ``[M, B]``, ``[M, N]``."""
   floor = _NORM_EPS * _NORM_EPS
-  inv_a = jax.lax.rsqrt(jnp.maximum(_prefix_sq_norms(a, dims), floor))  # [M, B]
-  inv_c = jax.lax.rsqrt(jnp.maximum(_prefix_sq_norms(c, dims), floor))  # [M, N]
-  logits = (scale * dots) * inv_a[:, :, None] * inv_c[:, None, :]
-  per_dim = _softmax_ce_diagonal(logits)
+  inv_a = jax.lax.rsqrt(jnp.maximum(sq_a, floor))
+  inv_c = jax.lax.rsqrt(jnp.maximum(sq_c, floor))
+  return (scale * dots) * inv_a[:, :, None] * inv_c[:, None, :], inv_a, inv_c
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _cosine_softmax_ce(dots, sq_a, sq_c, scale, symmetric: bool) -> jax.Array:
+  """Per-size in-batch cross-entropy ``[M]`` from prefix dot products and squared norms.
+
+  The backward is written by hand: with ``G = dL/dlogits`` (softmax minus the
+  target, per row and, when ``symmetric``, per column) and ``H = G * logits``,
+  ``dL/ddots = G * s / (||a|| ||c||)``, ``dL/d||a||^2 = -sum_n H / (2 ||a||^2)``
+  (the same over rows for ``c``) and ``dL/ds = sum H / s``: one pass over the
+  ``[M, B, N]`` logits instead of autodiff's several.
+  """
+  return _cosine_softmax_ce_fwd(dots, sq_a, sq_c, scale, symmetric)[0]
+
+
+def _cosine_softmax_ce_fwd(dots, sq_a, sq_c, scale, symmetric):
+  logits, _, _ = _cosine_logits(dots, sq_a, sq_c, scale)
+  batch = logits.shape[1]
+  diag = jnp.diagonal(logits[:, :, :batch], axis1=1, axis2=2)  # [M, B]
+  lse_rows = jax.nn.logsumexp(logits, axis=2)  # [M, B]
+  per_dim = jnp.mean(lse_rows - diag, axis=1)
+  lse_cols = None
+  if symmetric:  # then N == B
+    lse_cols = jax.nn.logsumexp(logits, axis=1)
+    per_dim = 0.5 * (per_dim + jnp.mean(lse_cols - diag, axis=1))
+  return per_dim, (dots, sq_a, sq_c, scale, lse_rows, lse_cols)
+
+
+def _cosine_softmax_ce_bwd(symmetric, res, g):
+  dots, sq_a, sq_c, scale, lse_rows, lse_cols = res
+  logits, inv_a, inv_c = _cosine_logits(dots, sq_a, sq_c, scale)
+  _, batch, num = logits.shape
+  target = jnp.arange(batch)[:, None] == jnp.arange(num)[None, :]
+  per_row = (g / batch * (0.5 if symmetric else 1.0))[:, None, None]
+  grad = (jnp.exp(logits - lse_rows[:, :, None]) - target) * per_row
   if symmetric:
-    per_dim = 0.5 * (per_dim + _softmax_ce_diagonal(jnp.swapaxes(logits, 1, 2)))
-  return per_dim
+    grad = grad + (jnp.exp(logits - lse_cols[:, None, :]) - target) * per_row
+  h = grad * logits
+  floor = _NORM_EPS * _NORM_EPS
+  d_sq_a = jnp.where(sq_a > floor, -0.5 * jnp.square(inv_a) * jnp.sum(h, axis=2), 0.0)
+  d_sq_c = jnp.where(sq_c > floor, -0.5 * jnp.square(inv_c) * jnp.sum(h, axis=1), 0.0)
+  d_dots = grad * (scale * inv_a)[:, :, None] * inv_c[:, None, :]
+  return d_dots, d_sq_a, d_sq_c, jnp.sum(h) / scale
+
+
+_cosine_softmax_ce.defvjp(_cosine_softmax_ce_fwd, _cosine_softmax_ce_bwd)
 
 
 def nested_in_batch_softmax(

@@ -255,14 +255,16 @@ def test_fused_equals_unfused_in_value_and_gradient(dims, embed_dim, variant):
   base = losses.symmetric_in_batch_softmax if symmetric else losses.in_batch_softmax
   unfused_loss = losses.matryoshka(base, dims, weights)
 
-  def fused(a, p):
-    return losses.nested_in_batch_softmax(a, p, dims, weights, negatives=n, symmetric=symmetric)
+  def fused(a, p, scale):
+    return losses.nested_in_batch_softmax(a, p, dims, weights, negatives=n, symmetric=symmetric,
+                                          scale=scale)
 
-  def unfused(a, p):
-    return unfused_loss(a, p) if n is None else unfused_loss(a, p, n)
+  def unfused(a, p, scale):
+    return unfused_loss(a, p, scale=scale) if n is None else unfused_loss(a, p, n, scale=scale)
 
-  got_value, got_grads = jax.jit(jax.value_and_grad(fused, (0, 1)))(a, p)
-  want_value, want_grads = jax.jit(jax.value_and_grad(unfused, (0, 1)))(a, p)
+  scale = jnp.float32(7.0)  # a learnable temperature gets its gradient too
+  got_value, got_grads = jax.jit(jax.value_and_grad(fused, (0, 1, 2)))(a, p, scale)
+  want_value, want_grads = jax.jit(jax.value_and_grad(unfused, (0, 1, 2)))(a, p, scale)
   np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
   for got, want in zip(got_grads, want_grads, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
