@@ -1,6 +1,6 @@
 """Loss + gradient time of the nested in-batch softmax: fused vs unfused vs plain.
 
-  python benchmarks/nested_loss.py [--batch 256] [--rounds 60]
+  python benchmarks/nested_loss.py [--batch 256] [--rounds 100]
 
 For each setting it times ``jax.value_and_grad`` (w.r.t. anchors and positives)
 of three jitted losses on random embeddings:
@@ -60,7 +60,7 @@ def _time(fns, args, rounds):
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--rounds", type=int, default=60)
+  parser.add_argument("--rounds", type=int, default=100)
   flags = parser.parse_args()
   print(f"{device_line()}, batch {flags.batch}")
   for title, embed_dim, dims in SETTINGS:
