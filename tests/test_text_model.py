@@ -136,25 +136,3 @@ def test_minilm_matches_sentence_transformers_reference():
   with open(os.path.join(str(package.get_model_path()), "config.json")) as f:
     assert json.load(f)["hidden_size"] == ref["embeddings"].shape[1]
 
-
-@pytest.mark.slow
-def test_encoder_trains_with_the_2d_loss():
-  """One encoder forward; the 2-D loss reads slices of its per-layer outputs; grads reach it."""
-  from mrl_jax import losses
-
-  config = BertConfig(vocab_size=25, hidden_size=8, num_layers=2, num_heads=2,
-                      intermediate_size=16, max_position_embeddings=8)
-  model = TextEncoder(config)
-  ids = jax.random.randint(jax.random.key(0), (8, 6), 5, 25)  # 4 anchors, then 4 positives
-  mask = jnp.ones((8, 6), jnp.int32).at[0, 4:].set(0)
-  params = jax.jit(model.init)(jax.random.key(1), ids, mask)["params"]
-  nested_2d = losses.matryoshka_2d(losses.in_batch_softmax, (2, 4, 8), n_dims_per_step=None)
-
-  @jax.jit
-  def loss_fn(params, key):
-    _, layers = model.apply({"params": params}, ids, mask, all_layers=True)
-    return nested_2d(layers[:, :4], layers[:, 4:], rng=key)
-
-  grads = jax.grad(loss_fn)(params, jax.random.key(2))
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  assert np.any(np.asarray(grads["layer_0"]["query"]["kernel"]) != 0)
