@@ -19,6 +19,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  if FLAGS.config.get("task") == "pairs":  # text embedding training (configs/text_pairs.py)
+    from mrl_jax import text_train_lib
+    result = text_train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    print(text_train_lib.format_result(result))
+    return
   result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   dims = result["dims"]
   top1 = result["eval"]["top1_per_dim"]
