@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from multihost_worker import STEPS, run
+from multihost_worker import STEPS, train_on_fixed_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
@@ -49,11 +49,12 @@ def _finish(procs: list[subprocess.Popen]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_on_the_same_global_batches(digits_dir, tmp_path):
+def test_two_processes_run_train_py_and_train_like_one_on_the_same_global_batches(
+    digits_dir, tmp_path):
   port = _free_port()
   procs = [_start(i, port, digits_dir, str(tmp_path / "multi")) for i in range(2)]
   try:  # the one-process reference runs here meanwhile, on this process's single device
-    single = run(0, 1, None, digits_dir, str(tmp_path / "single"), experiment=False)
+    single = train_on_fixed_batches(digits_dir)
   finally:
     logs = _finish(procs)
   multi = json.loads(logs[0].split("RESULT", 1)[1])
@@ -64,7 +65,9 @@ def test_two_processes_train_like_one_on_the_same_global_batches(digits_dir, tmp
   # Each process read its own half of the split; together every example counted once.
   assert multi["num_examples"] == single["num_examples"] == 64
   np.testing.assert_allclose(multi["eval_loss_per_dim"], single["eval_loss_per_dim"], rtol=1e-5)
-  # The full loop across processes: checkpoints, restore onto the same mesh, export.
-  exp = multi["experiment"]
-  assert exp["step"] == exp["resumed_step"] == STEPS and exp["resumed_params_equal"]
-  assert np.all(np.isfinite(exp["eval"])) and exp["embedding_shape"] == [3, 4]
+  # `train.py --distributed` across the processes: the loop with its checkpoints, the
+  # restore onto the same mesh and the export at the end.
+  run = multi["train_py"]
+  assert run["mesh"] == {"data": 2, "fsdp": 2}
+  assert run["step"] == run["resumed_step"] == run["exported_step"] == STEPS
+  assert np.all(np.isfinite(run["eval"])) and run["embedding_shape"] == [3, 4]
