@@ -48,18 +48,20 @@ def main(argv):
   try:
     result = experiment.train()
   except Preempted as e:
-    print(e)
+    logging.warning("%s", e)
     sys.exit(PREEMPTED_EXIT_CODE)
-  dims = result["dims"]
-  top1 = result["eval"]["top1_per_dim"]
-  print("final eval top-1 per dim: " + ", ".join(
-      f"{m}: {100 * a:.2f}%" for m, a in zip(dims, top1, strict=True)))
+  main_process = jax.process_index() == 0
+  if main_process:
+    print("final eval top-1 per dim: " + ", ".join(
+        f"{m}: {100 * a:.2f}%"
+        for m, a in zip(result["dims"], result["eval"]["top1_per_dim"], strict=True)))
   export_dir = os.path.join(FLAGS.workdir, "encoder") if FLAGS.export_dir is None \
       else FLAGS.export_dir
   if export_dir:
     step = experiment.checkpointer.best_step()
     export.export_encoder(FLAGS.workdir, export_dir, step=step, overwrite=True)
-    print(f"exported the encoder of step {step} to {export_dir}")
+    if main_process:
+      print(f"exported the encoder of step {step} to {export_dir}")
 
 
 if __name__ == "__main__":

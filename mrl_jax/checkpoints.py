@@ -82,7 +82,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+            create=not read_only, read_only=read_only, save_interval_steps=int(not read_only),
+            enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only, preservation_policy=policy, best_fn=best_fn,
             best_mode=best_mode),
         item_names=("state", "metadata"),

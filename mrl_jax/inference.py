@@ -144,7 +144,11 @@ class Encoder:
       if not 1 <= dim <= self.embed_dim:
         raise ValueError(f"dim={dim} is outside 1..{self.embed_dim} (embed_dim)")
       return int(dim)
-    self.nesting.index(dim)  # ValueError listing the valid dims
+    try:
+      self.nesting.index(dim)
+    except ValueError as e:
+      raise ValueError(f"{e} (allow_any_dim=True truncates to any size up to "
+                       f"{self.embed_dim})") from None
     return int(dim)
 
   def preprocess(self, raw: np.ndarray) -> np.ndarray:
