@@ -8,10 +8,11 @@ refused with a message that names the difference.
 
 Saves are atomic: Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and
 renames the folder when the save is complete, so a save cut short by a crash
-or ``SIGKILL`` is never listed (and is deleted when the next run opens the
-directory). With ``async_save`` the arrays are copied to host memory before
-:meth:`Checkpointer.save` returns and written in a background thread, so the
-training step may donate (and so invalidate) the saved state's buffers at once.
+or ``SIGKILL`` is never listed (the next run that opens the directory for
+writing removes it in the background). With ``async_save`` the arrays are
+copied to host memory before :meth:`Checkpointer.save` returns and written in
+a background thread, so the training step may donate (and so invalidate) the
+saved state's buffers at once.
 """
 
 from __future__ import annotations
@@ -43,10 +44,6 @@ def model_signature(config_dict: dict) -> dict:
   return {k: config_dict.get(k) for k in MODEL_FIELDS}
 
 
-def _metric(metrics: Mapping[str, float], name: str) -> float:
-  return float(metrics[name])
-
-
 class Checkpointer:
   """Saves and restores the train state under ``directory``.
 
@@ -75,7 +72,7 @@ class Checkpointer:
     policy: Any = checkpoint_managers.LatestN(n=max_to_keep)
     best_fn = None
     if best_metric:
-      best_fn = lambda metrics: _metric(metrics, best_metric)
+      best_fn = lambda metrics: float(metrics[best_metric])
       policy = checkpoint_managers.AnyPreservationPolicy([policy, checkpoint_managers.BestN(
           get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False)])

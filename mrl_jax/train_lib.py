@@ -217,6 +217,7 @@ class Experiment:
     self.config = config = config_lib.validate_config(config, num_devices=self.mesh.size)
     self.workdir = workdir
     self.dims = config_lib.eval_dims(config)
+    self.best_metric = _check_best_metric(config.get("best_metric"), self.dims)
     self.builder = pipeline.get_builder(config.dataset, config.data_dir)
     self.spec = pipeline.dataset_spec(self.builder, config.train_split, config.eval_split)
     self.steps_per_epoch = max(self.spec.num_train_examples // config.batch_size, 1)
@@ -227,7 +228,6 @@ class Experiment:
         jax.random.PRNGKey(config.seed), self.model, optim.make_optimizer(config, self.schedule),
         self.spec.image_shape, self.mesh, config.get("fsdp_min_size",
                                                      sharding_lib.DEFAULT_FSDP_MIN_SIZE))
-    self.best_metric = _check_best_metric(config.get("best_metric"), self.dims)
     config_json = json.loads(config_lib.to_json(config))
     self.checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
