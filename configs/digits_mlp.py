@@ -32,14 +32,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Optimisation.
   config.optimizer = "adamw"
-  config.learning_rate = 1e-3  # peak
+  config.learning_rate = 3e-3  # peak
   config.learning_rate_batch_size = placeholder(int)  # if set, lr scales by batch_size / this
   config.momentum = 0.9  # sgd only
   config.weight_decay = 1e-4  # never applied to biases or normalisation scales
   config.schedule = "warmup_cosine"
   config.warmup_steps = 100
   config.warmup_epochs = placeholder(float)  # if set, overrides warmup_steps
-  config.label_smoothing = 0.0
+  config.label_smoothing = 0.1  # as in the paper's recipe
   config.batch_size = 128  # global, over all devices and hosts
   config.num_train_steps = 2000
   config.num_epochs = placeholder(float)  # alternative to num_train_steps

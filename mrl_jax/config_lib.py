@@ -6,7 +6,9 @@ config returned by :func:`validate_config` and may trust it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -16,6 +18,29 @@ from mrl_jax.nesting import Nesting, default_dims
 HEADS = ("mrl", "mrl_e", "ff")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("warmup_linear", "warmup_cosine", "constant")
+
+
+def load_config_file(path: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file (e.g. ``configs/digits_mlp.py``), then ``overrides``.
+
+  The programmatic twin of ``--config=path --config.FIELD=VALUE`` for notebooks
+  and scripts. Nested fields are overridden with dicts:
+  ``load_config_file(p, encoder={"embed_dim": 32})``.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file at {path}")
+  spec = importlib.util.spec_from_file_location(
+      f"mrl_jax_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  return config
 
 
 def validate_config(config: ml_collections.ConfigDict,

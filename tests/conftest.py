@@ -26,10 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(data_dir: str, **overrides):
   """The base digits config shrunk to seconds: a 16-d MLP embedding, 30 steps."""
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import digits_mlp
+  from mrl_jax.config_lib import load_config_file
 
-  config = digits_mlp.get_config()
+  config = load_config_file(os.path.join(REPO, "configs", "digits_mlp.py"))
   config.data_dir = data_dir
   config.encoder.hidden = (32,)
   config.encoder.embed_dim = 16

