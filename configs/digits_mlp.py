@@ -44,9 +44,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = 2000
   config.num_epochs = placeholder(float)  # alternative to num_train_steps
 
+  # Scale-out (mrl_jax.sharding): a ("data", "fsdp") mesh; -1 takes the remaining devices.
+  config.mesh_shape = (-1, 1)  # data parallel; e.g. (2, 4) also splits large arrays over 4
+  config.fsdp_min_size = 2**16  # with fsdp > 1: arrays of at least this many elements are split
+
   # Bookkeeping.
   config.log_every_steps = 100
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000
   config.max_to_keep = 2
+  config.async_checkpointing = True  # write checkpoints in the background
+  config.best_metric = placeholder(str)  # e.g. "top1/dim_8": also keep the best eval step
+  config.best_mode = "max"  # or "min" (for a loss)
   return config

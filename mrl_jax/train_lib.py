@@ -1,8 +1,9 @@
 """Train state, the jitted train/eval steps, and the training loop.
 
 One backbone forward per step; every nested head reads a slice of the same
-embedding. The step is one ``jax.jit`` over a ``("data",)`` mesh of all
-devices: the batch is sharded, the state replicated and donated.
+embedding. The step is one ``jax.jit`` over a ``("data", "fsdp")`` mesh of all
+devices (:mod:`mrl_jax.sharding`): the batch is sharded, the state replicated
+(or split over ``"fsdp"``) and donated.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +25,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from mrl_jax import config_lib, models, optim
+from mrl_jax import config_lib, models, optim, preemption
 from mrl_jax import sharding as sharding_lib
 from mrl_jax.checkpoints import Checkpointer
 from mrl_jax.data import pipeline
@@ -44,8 +46,13 @@ class NonFiniteLossError(FloatingPointError):
 
 def create_train_state(rng: jax.Array, model: models.Classifier,
                        tx: optax.GradientTransformation, input_shape: tuple[int, ...],
-                       mesh: jax.sharding.Mesh) -> TrainState:
-  """Initialise the state directly into its (replicated) shardings under ``jit``."""
+                       mesh: jax.sharding.Mesh,
+                       fsdp_min_size: int = sharding_lib.DEFAULT_FSDP_MIN_SIZE) -> TrainState:
+  """Initialise the state directly into its shardings under ``jit`` (never on one device).
+
+  The shardings are :func:`mrl_jax.sharding.state_shardings`: replicated, or
+  split over ``"fsdp"`` for arrays of at least ``fsdp_min_size`` elements.
+  """
 
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
@@ -53,7 +60,8 @@ def create_train_state(rng: jax.Array, model: models.Classifier,
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}), rng=state_rng)
 
-  return jax.jit(init, out_shardings=sharding_lib.replicated(mesh))(rng)
+  shardings = sharding_lib.state_shardings(jax.eval_shape(init, rng), mesh, fsdp_min_size)
+  return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def _variables(state: TrainState, params: Any) -> dict:
@@ -66,8 +74,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, weights: jax.A
   """One optimisation step on the summed, weighted nested loss.
 
   Args:
-    state: replicated train state.
-    batch: ``{"image": [B, ...], "label": [B]}``, sharded over ``"data"``.
+    state: the train state (replicated or FSDP-sharded).
+    batch: ``{"image": [B, ...], "label": [B]}``, sharded over the mesh.
     weights: ``[M]`` nesting weights ``c_m``.
 
   Returns:
@@ -90,6 +98,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, weights: jax.A
   metrics = {"loss": loss, "loss_per_dim": per_dim, "top1_per_dim": top1,
              "learning_rate": learning_rate_fn(state.step - 1)}
   return state, metrics
+
+
+def jit_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                   mesh: jax.sharding.Mesh, state_sharding: Any) -> Callable:
+  """:func:`train_step` for a validated ``config``, jitted over ``mesh``; donates the state.
+
+  Args:
+    state_sharding: the state's shardings (a ``TrainState`` of ``NamedSharding``).
+
+  Returns:
+    ``step(state, global_batch) -> (state, metrics)``; metrics are replicated.
+  """
+  return jax.jit(
+      functools.partial(train_step, weights=jnp.asarray(config_lib.loss_weights(config)),
+                        label_smoothing=config.label_smoothing, learning_rate_fn=schedule),
+      in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding_lib.replicated(mesh)), donate_argnums=0)
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -157,46 +182,77 @@ def _mean_metrics(history: list[dict]) -> dict[str, np.ndarray]:
   return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *jax.device_get(history))
 
 
+def eval_metric_names(dims: tuple[int, ...]) -> list[str]:
+  """The scalar names of :func:`evaluate`'s metrics once expanded per dim (``top1/dim_8``, ...)."""
+  return ["loss", *(f"{name}/dim_{m}" for name in ("loss", "top1") for m in dims)]
+
+
+def _check_best_metric(name: str | None, dims: tuple[int, ...]) -> str | None:
+  if name is not None and name not in eval_metric_names(dims):
+    raise ValueError(f"config.best_metric={name!r}; choose one of {eval_metric_names(dims)}")
+  return name
+
+
+def _warn_if_data_order_changed(stored: dict | None, now: dict, directory: str) -> None:
+  """Resuming is exact only when the things that fix the batch order are unchanged."""
+  if stored is None:
+    return
+  changed = {k: (stored.get(k), v) for k, v in now.items() if stored.get(k) != v}
+  if changed:
+    warnings.warn(f"resuming from {directory} with a different data order, so the run will not "
+                  f"repeat an uninterrupted one exactly; (checkpoint, now): {changed}",
+                  stacklevel=3)
+
+
 class Experiment:
   """Everything built from a validated config: mesh, data, model, optimiser, state.
 
   ``Experiment(config, workdir)`` restores the latest checkpoint in
-  ``workdir/checkpoints`` when there is one; :meth:`train` then runs the loop
-  from that step.
+  ``workdir/checkpoints`` when there is one (onto this run's mesh, whatever
+  mesh saved it); :meth:`train` then runs the loop from that step.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.mesh = sharding_lib.make_mesh()
+    self.mesh = sharding_lib.make_mesh(config.get("mesh_shape"))
     self.config = config = config_lib.validate_config(config, num_devices=self.mesh.size)
     self.workdir = workdir
     self.dims = config_lib.eval_dims(config)
+    self.best_metric = _check_best_metric(config.get("best_metric"), self.dims)
     self.builder = pipeline.get_builder(config.dataset, config.data_dir)
     self.spec = pipeline.dataset_spec(self.builder, config.train_split, config.eval_split)
     self.steps_per_epoch = max(self.spec.num_train_examples // config.batch_size, 1)
     self.total_steps, _ = optim.total_and_warmup_steps(config, self.steps_per_epoch)
     self.model = models.build_classifier(config, self.spec.num_classes)
     self.schedule = optim.learning_rate_schedule(config, self.steps_per_epoch)
-    self.state = create_train_state(jax.random.PRNGKey(config.seed), self.model,
-                                    optim.make_optimizer(config, self.schedule),
-                                    self.spec.image_shape, self.mesh)
+    self.state = create_train_state(
+        jax.random.PRNGKey(config.seed), self.model, optim.make_optimizer(config, self.schedule),
+        self.spec.image_shape, self.mesh, config.get("fsdp_min_size",
+                                                     sharding_lib.DEFAULT_FSDP_MIN_SIZE))
     config_json = json.loads(config_lib.to_json(config))
     self.checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        {"config": config_json, "dims": list(self.dims), "num_classes": self.spec.num_classes},
-        max_to_keep=config.max_to_keep)
+        {"config": config_json, "dims": list(self.dims), "num_classes": self.spec.num_classes,
+         "image_shape": list(self.spec.image_shape)},
+        max_to_keep=config.max_to_keep, best_metric=self.best_metric,
+        best_mode=config.get("best_mode") or "max",
+        async_save=bool(config.get("async_checkpointing")))
     latest = self.checkpointer.latest_step()
     if latest is not None:
       self.state = self.checkpointer.restore(latest, self.state)
+      _warn_if_data_order_changed(self.checkpointer.read_metadata(latest).get("data_position"),
+                                  self._data_position(latest), self.checkpointer.directory)
     self._to_global = functools.partial(
         pipeline.as_global, sharding=sharding_lib.batch_sharding(self.mesh))
-    repl = sharding_lib.replicated(self.mesh)
-    self._train_step = jax.jit(
-        functools.partial(train_step, weights=jnp.asarray(config_lib.loss_weights(config)),
-                          label_smoothing=config.label_smoothing,
-                          learning_rate_fn=self.schedule),
-        in_shardings=(repl, sharding_lib.batch_sharding(self.mesh)),
-        out_shardings=(repl, repl), donate_argnums=0)
-    self._eval_step = jax.jit(eval_step)
+    self._train_step = jit_train_step(config, self.schedule, self.mesh,
+                                      jax.tree.map(lambda x: x.sharding, self.state))
+    self._eval_step = jax.jit(eval_step, out_shardings=sharding_lib.replicated(self.mesh))
+
+  def _data_position(self, step: int) -> dict[str, Any]:
+    """Where the train iterator stands after ``step`` batches, and what fixes its order."""
+    c = self.config
+    return {"batches_consumed": int(step), "batch_size": c.batch_size, "seed": c.seed,
+            "train_split": c.train_split, "shuffle_buffer": c.shuffle_buffer,
+            "process_count": jax.process_count()}
 
   @property
   def step(self) -> int:
@@ -213,12 +269,22 @@ class Experiment:
   def predict(self, split: str) -> dict[str, np.ndarray]:
     return predict(self.state, self.eval_batches(split), self.mesh)
 
-  def train(self, *, progress: bool = True) -> dict[str, Any]:
+  def train(self, *, progress: bool = True,
+            on_step: Callable[[int, dict[str, jax.Array]], None] | None = None) -> dict[str, Any]:
     """Run the loop to ``total_steps``; returns the final eval metrics (also in JSON).
+
+    Checkpoints are written every ``checkpoint_every_steps``, at every eval
+    when ``best_metric`` is set, at the last step, and when a preemption notice
+    (``SIGTERM``) arrives.
+
+    Args:
+      on_step: called as ``on_step(step, metrics)`` after every train step.
 
     Raises:
       NonFiniteLossError: naming the first step whose loss was NaN/inf; no
         checkpoint is written after that step, so the last good one survives.
+      mrl_jax.preemption.Preempted: after a preemption notice, once the
+        checkpoint of the current step is written.
     """
     config, main = self.config, jax.process_index() == 0
     writer = MetricWriter(self.workdir, enabled=main, echo=tqdm.write if progress else None)
@@ -234,10 +300,14 @@ class Experiment:
     history: list[dict] = []
     bar = tqdm(total=self.total_steps, initial=start, disable=not (progress and main),
                desc="train", unit="step")
+    watch = preemption.PreemptionWatch()
+    watch.install()
     tick = time.perf_counter()
     try:
       for step in range(start + 1, self.total_steps + 1):
         self.state, metrics = self._train_step(self.state, self._to_global(next(batches)))
+        if on_step is not None:
+          on_step(step, metrics)
         pending.append((step, metrics["loss"]))
         history.append(metrics)
         bar.update(1)
@@ -250,13 +320,21 @@ class Experiment:
               len(history) * config.batch_size / (time.perf_counter() - tick))
           writer.write_scalars(step, scalars, prefix="train/")
           history, tick = [], time.perf_counter()
+        eval_scalars = None
         if step % config.eval_every_steps == 0 or last:
-          writer.write_scalars(step, expand_per_dim(self.evaluate(), self.dims), prefix="eval/")
-        if step % config.checkpoint_every_steps == 0 or last:
+          eval_scalars = expand_per_dim(self.evaluate(), self.dims)
+          writer.write_scalars(step, eval_scalars, prefix="eval/")
+        preempted = watch.reached(step)
+        if (step % config.checkpoint_every_steps == 0 or last or preempted
+            or (self.best_metric and eval_scalars is not None)):
           self._check_finite(pending)
           pending = []
-          self.checkpointer.save(step, self.state)
+          self.checkpointer.save(step, self.state, metrics=eval_scalars,
+                                 extra_metadata={"data_position": self._data_position(step)})
+        if preempted:
+          raise preemption.Preempted(step, self.checkpointer.directory)
     finally:
+      watch.uninstall()
       bar.close()
       writer.close()
       self.checkpointer.close()

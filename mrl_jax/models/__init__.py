@@ -6,8 +6,10 @@ backbones register themselves in :data:`ENCODERS`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from mrl_jax.heads import FixedFeatureHead, MRLHead
@@ -17,7 +19,20 @@ from mrl_jax.models.small import CNN, MLP
 ENCODERS: dict[str, Any] = {"mlp": MLP, "cnn": CNN}
 HEADS = ("mrl", "mrl_e", "ff")
 
-__all__ = ["CNN", "ENCODERS", "HEADS", "MLP", "Classifier", "build_classifier", "head_dims"]
+__all__ = ["CNN", "ENCODERS", "HEADS", "MLP", "Classifier", "build_classifier", "build_encoder",
+           "head_dims"]
+
+
+def build_encoder(encoder: Mapping[str, Any], half_precision: bool = False) -> nn.Module:
+  """The encoder of a config's ``encoder`` section: ``name`` plus the encoder's keyword arguments.
+
+  JSON lists (e.g. ``hidden`` read back from a checkpoint or bundle) become tuples.
+  """
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(encoder).items()}
+  name = kwargs.pop("name", None)
+  if name not in ENCODERS:
+    raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
+  return ENCODERS[name](dtype=jnp.bfloat16 if half_precision else jnp.float32, **kwargs)
 
 
 def build_classifier(config: Any, num_classes: int) -> Classifier:
@@ -28,11 +43,7 @@ def build_classifier(config: Any, num_classes: int) -> Classifier:
   ``config.nesting.dims``, ``config.ff_dim`` and ``config.half_precision``.
   """
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  kwargs = dict(config.encoder)
-  name = kwargs.pop("name")
-  if name not in ENCODERS:
-    raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
-  encoder = ENCODERS[name](dtype=dtype, **kwargs)
+  encoder = build_encoder(config.encoder, config.half_precision)
   if config.head == "ff":
     head = FixedFeatureHead(num_classes, int(config.ff_dim), dtype=dtype)
   elif config.head in ("mrl", "mrl_e"):
