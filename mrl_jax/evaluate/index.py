@@ -23,8 +23,8 @@ each candidate on the device that holds it (a ``psum`` assembles the scores).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -119,15 +119,12 @@ class PrefixIndex:
     self._db = self._place(database, self.embed_dim)
     self._inv_norm: dict[int, jax.Array] = {}
     self._normalised: dict[int, jax.Array] = {}
-    self._programs: dict[tuple, Callable] = {}
     self.faiss_indexes: dict[tuple, object] = {}  # filled by mrl_jax.evaluate.faiss_backend
 
   # -- storage -------------------------------------------------------------------------
 
-  def _sharding(self, ndim: int):
-    if self.mesh is None:
-      return None
-    return NamedSharding(self.mesh, P(self.axis, *([None] * (ndim - 1))))
+  def _row_sharding(self) -> NamedSharding | None:
+    return None if self.mesh is None else NamedSharding(self.mesh, P(self.axis, None))
 
   def _place(self, x: Array, dim: int) -> jax.Array:
     """Put ``x [N, dim]`` on the device(s), padding rows to a multiple of the shards."""
@@ -136,10 +133,10 @@ class PrefixIndex:
       x = jnp.concatenate([jnp.asarray(x, jnp.float32), jnp.zeros((pad, dim), jnp.float32)])
     if isinstance(x, np.ndarray):
       x = np.asarray(x, np.float32)
-      sharding = self._sharding(2) or jax.devices()[0]
+      sharding = self._row_sharding() or jax.devices()[0]
       return jax.device_put(x, sharding, may_alias=True)
     x = x.astype(jnp.float32)
-    return x if self.mesh is None else jax.device_put(x, self._sharding(2))
+    return x if self.mesh is None else jax.device_put(x, self._row_sharding())
 
   @property
   def database(self) -> jax.Array:
@@ -149,8 +146,7 @@ class PrefixIndex:
   def inv_norm(self, dim: int) -> jax.Array:
     """``[N_padded]``: ``1 / |x[:dim]|`` for every row (0 for zero rows), cached."""
     if dim not in self._inv_norm:
-      fn = jax.jit(_inverse_norms, static_argnums=1, out_shardings=self._sharding(1))
-      self._inv_norm[dim] = fn(self._db, dim)
+      self._inv_norm[dim] = _inverse_norms(self._db, dim)
     return self._inv_norm[dim]
 
   def normalised(self, dim: int) -> jax.Array | None:
@@ -158,8 +154,7 @@ class PrefixIndex:
     if dim > self.max_cached_dim:
       return None
     if dim not in self._normalised:
-      fn = jax.jit(lambda x, inv: x[:, :dim] * inv[:, None], out_shardings=self._sharding(2))
-      self._normalised[dim] = fn(self._db, self.inv_norm(dim))
+      self._normalised[dim] = _scale_prefix(self._db, self.inv_norm(dim), dim)
     return self._normalised[dim]
 
   def prepare(self, dims: Sequence[int], *, first_stage: bool = True) -> None:
@@ -230,30 +225,39 @@ class PrefixIndex:
     return tuple(out)
 
   def _program(self, dims: tuple[int, ...], keeps: tuple[int, ...], external: bool) -> Callable:
-    key = (dims, keeps, external)
-    if key not in self._programs:
-      stage0_cached = (not external) and dims[0] <= self.max_cached_dim
-      plan = knn.block_plan(self.rows_per_shard, self._block_rows(dims[0]), self.group_size)
-      local = partial(_local_cascade, dims=dims, keeps=keeps, external=external,
-                      stage0_cached=stage0_cached, plan=plan, n=self.n,
-                      rows=self.rows_per_shard, sub_batch=self.sub_batch,
-                      axis=None if self.mesh is None else self.axis)
-      if self.mesh is not None:
-        n_in = 1 + int(external) + 1 + 2 * len(dims)
-        specs = (P(),) * (1 + int(external)) + (P(self.axis),) * (n_in - 1 - int(external))
-        local = jax.shard_map(local, mesh=self.mesh, in_specs=specs, out_specs=(P(), P()),
-                              check_vma=False)
-      self._programs[key] = jax.jit(local)
-    return self._programs[key]
+    plan = knn.block_plan(self.rows_per_shard, self._block_rows(dims[0]), self.group_size)
+    return _cascade_program(dims, keeps, external,
+                            (not external) and dims[0] <= self.max_cached_dim, plan, self.n,
+                            self.rows_per_shard, self.sub_batch, self.mesh, self.axis)
 
   def _block_rows(self, dim: int) -> int:
     """Rows per scan block: ``block_size`` at small dims, ~4 MB of rows at large ones."""
     return max(self.group_size, min(self.block_size, (1 << 20) // max(dim, 1)))
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _inverse_norms(x: jax.Array, dim: int) -> jax.Array:
   sq = jnp.sum(jnp.square(x[:, :dim].astype(jnp.float32)), axis=1)
   return jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _scale_prefix(x: jax.Array, inv: jax.Array, dim: int) -> jax.Array:
+  return x[:, :dim] * inv[:, None]
+
+
+@functools.lru_cache(maxsize=256)
+def _cascade_program(dims, keeps, external, stage0_cached, plan, n, rows, sub_batch, mesh, axis):
+  """The jitted program for one cascade configuration (shared by indexes of one shape)."""
+  local = functools.partial(_local_cascade, dims=dims, keeps=keeps, external=external,
+                  stage0_cached=stage0_cached, plan=plan, n=n, rows=rows, sub_batch=sub_batch,
+                  axis=None if mesh is None else axis)
+  if mesh is not None:
+    replicated = 1 + int(external)  # queries (and an external shortlist)
+    sharded = 1 + 2 * len(dims)  # database, then (inverse norms, matrix) per stage
+    local = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * replicated + (P(axis),) * sharded,
+                          out_specs=(P(), P()), check_vma=False)
+  return jax.jit(local)
 
 
 def _local_cascade(q, *args, dims, keeps, external, stage0_cached, plan, n, rows, sub_batch,

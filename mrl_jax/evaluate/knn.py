@@ -61,13 +61,18 @@ class BlockPlan:
 
 
 def block_plan(n: int, block: int, group: int) -> BlockPlan:
-  """A :class:`BlockPlan` for ``n`` rows with blocks and groups at most the given sizes."""
+  """A :class:`BlockPlan` for ``n`` rows with blocks and groups at most the given sizes.
+
+  A database of at most ``block`` rows is one block with groups of one row.
+  """
   if n < 1:
     raise ValueError(f"the database is empty (n={n})")
   if block < 1 or group < 1:
     raise ValueError(f"block and group sizes must be positive, got block={block}, group={group}")
-  g = min(group, n)
-  nb = max(g, min(block, n) // g * g)
+  if n <= block:  # one block: top-k straight from its scores, no group pass
+    return BlockPlan(n=n, group=1, block=n, num_blocks=1)
+  g = min(group, block)
+  nb = block // g * g
   return BlockPlan(n=n, group=g, block=nb, num_blocks=-(-n // nb))
 
 
