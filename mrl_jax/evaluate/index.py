@@ -1,0 +1,315 @@
+"""A database of nested embeddings, stored once at full size, searched at any prefix.
+
+:class:`PrefixIndex` holds the database ``[N, D]`` once. A prefix ``x[:m]`` is never
+copied to be searched: every score is ``<q[:m] / |q[:m]|, x[:m]> / |x[:m]|``, i.e. the
+prefixes are truncated THEN L2-normalised (cosine similarity of the prefixes). The
+inverse norms ``1 / |x[:m]|`` (``[N]`` per prefix size) are computed once and cached.
+For small shortlist sizes (``m <= max_cached_dim``) a contiguous normalised copy
+``[N, m]`` is also cached, because a scan that reads ``m`` floats out of every
+``D``-float row is bound by memory traffic rather than arithmetic.
+
+Searches run as one jitted program per batch of queries and per cascade
+``(dims, keeps)``: stage 0 is an exact top-``keeps[0]`` search over the whole
+database with the first ``dims[0]`` dims (:mod:`mrl_jax.evaluate.knn`); each later
+stage re-ranks the survivors with the first ``dims[i]`` dims and keeps the best
+``keeps[i]``. Exact search is the one-stage cascade, adaptive retrieval the two-stage
+one, funnel retrieval the many-stage one.
+
+With several devices the database rows are sharded over a one-axis
+:class:`jax.sharding.Mesh` (``NamedSharding(mesh, P(axis))``); each device scans its
+rows, the per-device top-k lists are all-gathered and merged, and re-ranking gathers
+each candidate on the device that holds it (a ``psum`` assembles the scores).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mrl_jax.evaluate import knn
+
+Array = jax.Array | np.ndarray
+
+
+def normalize_prefix(x: jax.Array, dim: int) -> jax.Array:
+  """``x[:, :dim] / |x[:, :dim]|`` (truncate, then L2-normalise); zero rows stay zero.
+
+  Args:
+    x: ``[B, D]`` with ``D >= dim``.
+    dim: prefix size.
+
+  Returns:
+    ``[B, dim]`` float32.
+  """
+  p = x[:, :dim].astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(p * p, axis=-1, keepdims=True))
+  return p * jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def check_cascade(dims: Sequence[int], keeps: Sequence[int], n: int, embed_dim: int) -> None:
+  """Check a cascade: ``dims`` non-decreasing in ``[1, D]``; ``keeps`` non-increasing in ``[1, N]``.
+
+  Raises:
+    ValueError: naming the offending value.
+  """
+  dims, keeps = list(dims), list(keeps)
+  if not dims or len(dims) != len(keeps):
+    raise ValueError(f"need one keep per stage, got dims={dims}, keeps={keeps}")
+  for d in dims:
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 1 <= d <= embed_dim:
+      raise ValueError(f"dims must be ints in [1, {embed_dim}] (the embedding size), got {dims}")
+  for a, b in zip(dims, dims[1:], strict=False):
+    if b < a:
+      raise ValueError(f"stage dims must not decrease, got {b} after {a} in {dims}")
+  for k in keeps:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise ValueError(f"shortlist sizes and k must be positive ints, got {keeps}")
+  if keeps[0] > n:
+    raise ValueError(f"k={keeps[0]} is larger than the database ({n} items)")
+  for a, b in zip(keeps, keeps[1:], strict=False):
+    if b > a:
+      raise ValueError(f"each stage keeps at most as many items as the one before, got {keeps}")
+
+
+class PrefixIndex:
+  """Exact cosine search over prefixes of one stored database.
+
+  Args:
+    database: ``[N, D]`` float embeddings (numpy or JAX). On one device a 64-byte
+      aligned float32 numpy array is used in place (no copy; do not modify it).
+    mesh: a one-axis mesh to shard the rows over; default: all devices when there
+      are several (``Mesh(jax.devices(), (axis,))``), none otherwise.
+    axis: the mesh axis name.
+    query_batch: queries per jitted call (the last batch is padded).
+    block_size: database rows scored per step of the scan (see :mod:`knn`).
+    group_size: rows per group in the two-pass top-k (see :mod:`knn`).
+    sub_batch: queries whose gathered rows are scored at once.
+    max_cached_dim: prefixes up to this size get a normalised contiguous copy;
+      default ``D // 8`` (at most 1/8 more memory per cached size).
+  """
+
+  def __init__(self, database: Array, *, mesh: Mesh | None = None, axis: str = "db",
+               query_batch: int = 256, block_size: int = 4096, group_size: int = 32,
+               sub_batch: int = 8, max_cached_dim: int | None = None):
+    if database.ndim != 2 or database.shape[0] < 1 or database.shape[1] < 1:
+      raise ValueError(f"database must be [N, D] with N, D >= 1, got shape {database.shape}")
+    if not np.issubdtype(database.dtype, np.floating):
+      raise ValueError(f"database must be floating point, got {database.dtype}")
+    for name, v in (("query_batch", query_batch), ("block_size", block_size),
+                    ("group_size", group_size), ("sub_batch", sub_batch)):
+      if v < 1:
+        raise ValueError(f"{name} must be positive, got {v}")
+    if mesh is None and len(jax.devices()) > 1:
+      mesh = Mesh(np.array(jax.devices()), (axis,))
+    if mesh is not None and mesh.axis_names != (axis,):
+      raise ValueError(f"mesh must have the single axis {axis!r}, got {mesh.axis_names}")
+    self.n, self.embed_dim = int(database.shape[0]), int(database.shape[1])
+    self.mesh, self.axis = mesh, axis
+    self.num_shards = 1 if mesh is None else mesh.size
+    self.query_batch = -(-query_batch // sub_batch) * sub_batch
+    self.block_size, self.group_size, self.sub_batch = block_size, group_size, sub_batch
+    self.max_cached_dim = self.embed_dim // 8 if max_cached_dim is None else max_cached_dim
+    self.rows_per_shard = -(-self.n // self.num_shards)
+    self._db = self._place(database, self.embed_dim)
+    self._inv_norm: dict[int, jax.Array] = {}
+    self._normalised: dict[int, jax.Array] = {}
+    self.faiss_indexes: dict[tuple, object] = {}  # filled by mrl_jax.evaluate.faiss_backend
+
+  # -- storage -------------------------------------------------------------------------
+
+  def _row_sharding(self) -> NamedSharding | None:
+    return None if self.mesh is None else NamedSharding(self.mesh, P(self.axis, None))
+
+  def _place(self, x: Array, dim: int) -> jax.Array:
+    """Put ``x [N, dim]`` on the device(s), padding rows to a multiple of the shards."""
+    pad = self.rows_per_shard * self.num_shards - self.n
+    if pad:
+      x = jnp.concatenate([jnp.asarray(x, jnp.float32), jnp.zeros((pad, dim), jnp.float32)])
+    if isinstance(x, np.ndarray):
+      x = np.asarray(x, np.float32)
+      sharding = self._row_sharding() or jax.devices()[0]
+      return jax.device_put(x, sharding, may_alias=True)
+    x = x.astype(jnp.float32)
+    return x if self.mesh is None else jax.device_put(x, self._row_sharding())
+
+  @property
+  def database(self) -> jax.Array:
+    """The stored ``[N_padded, D]`` database (rows past ``N`` are zero padding)."""
+    return self._db
+
+  def inv_norm(self, dim: int) -> jax.Array:
+    """``[N_padded]``: ``1 / |x[:dim]|`` for every row (0 for zero rows), cached."""
+    if dim not in self._inv_norm:
+      self._inv_norm[dim] = _inverse_norms(self._db, dim)
+    return self._inv_norm[dim]
+
+  def normalised(self, dim: int) -> jax.Array | None:
+    """The cached ``[N_padded, dim]`` normalised prefix, or ``None`` for large ``dim``."""
+    if dim > self.max_cached_dim:
+      return None
+    if dim not in self._normalised:
+      self._normalised[dim] = _scale_prefix(self._db, self.inv_norm(dim), dim)
+    return self._normalised[dim]
+
+  def prepare(self, dims: Sequence[int], *, first_stage: bool = True) -> None:
+    """Build the caches a cascade needs now (else they are built on first use)."""
+    for i, d in enumerate(dims):
+      self.inv_norm(d)
+      if i == 0 and first_stage:
+        self.normalised(d)
+
+  # -- search --------------------------------------------------------------------------
+
+  def cascade(self, queries: Array, dims: Sequence[int], keeps: Sequence[int], *,
+              shortlist: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Shortlist then re-rank: stage ``i`` scores with ``dims[i]`` dims, keeps ``keeps[i]``.
+
+    Stage 0 is an exact search over the whole database (unless ``shortlist`` is
+    given: then stage 0's ``(scores, ids)`` come from elsewhere, e.g. FAISS, and
+    only the later stages run here). Later stages re-score the survivors of the
+    previous stage at their own prefix size.
+
+    Args:
+      queries: ``[Q, Dq]`` with ``Dq >= max(dims)``; prefixes are normalised here.
+      dims: non-decreasing prefix sizes, one per stage.
+      keeps: non-increasing counts, ``keeps[0] <= N``.
+      shortlist: optional ``(scores [Q, keeps[0]], ids [Q, keeps[0]])`` for stage 0.
+
+    Returns:
+      ``(scores [Q, keeps[-1]], ids [Q, keeps[-1]])`` as numpy, best first; scores are
+      the cosine similarities at ``dims[-1]``.
+    """
+    dims, keeps = tuple(int(d) for d in dims), tuple(int(k) for k in keeps)
+    check_cascade(dims, keeps, self.n, self.embed_dim)
+    queries = _check_queries(queries, dims[-1])
+    if shortlist is not None and len(dims) == 1:
+      return tuple(np.asarray(a) for a in shortlist)
+    self.prepare(dims, first_stage=shortlist is None)
+    program = self._program(dims, keeps, external=shortlist is not None)
+    caches = self._caches(dims, external=shortlist is not None)
+    num_q = queries.shape[0]
+    out_s, out_i = [], []
+    for lo in range(0, num_q, self.query_batch):
+      q = _pad_rows(queries[lo:lo + self.query_batch], self.query_batch)
+      args = (q,)
+      if shortlist is not None:
+        args += (_pad_rows(shortlist[1][lo:lo + self.query_batch], self.query_batch),)
+      s, i = program(*args, *caches)
+      out_s.append(s)
+      out_i.append(i)
+    scores = np.concatenate([np.asarray(s) for s in out_s])[:num_q]
+    ids = np.concatenate([np.asarray(i) for i in out_i])[:num_q]
+    return scores, ids
+
+  def search(self, queries: Array, k: int, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` cosine search with the first ``dim`` dims (default: all).
+
+    Returns:
+      ``(scores [Q, k], ids [Q, k])``, best first.
+    """
+    return self.cascade(queries, (self.embed_dim if dim is None else dim,), (k,))
+
+  def _caches(self, dims: tuple[int, ...], external: bool) -> tuple[jax.Array, ...]:
+    out = [self._db]
+    for i, d in enumerate(dims):
+      out.append(self.inv_norm(d))
+      cached = self.normalised(d) if (i == 0 and not external) else None
+      out.append(self._db if cached is None else cached)
+    return tuple(out)
+
+  def _program(self, dims: tuple[int, ...], keeps: tuple[int, ...], external: bool) -> Callable:
+    plan = knn.block_plan(self.rows_per_shard, self._block_rows(dims[0]), self.group_size)
+    return _cascade_program(dims, keeps, external,
+                            (not external) and dims[0] <= self.max_cached_dim, plan, self.n,
+                            self.rows_per_shard, self.sub_batch, self.mesh, self.axis)
+
+  def _block_rows(self, dim: int) -> int:
+    """Rows per scan block: ``block_size`` at small dims, ~4 MB of rows at large ones."""
+    return max(self.group_size, min(self.block_size, (1 << 20) // max(dim, 1)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _inverse_norms(x: jax.Array, dim: int) -> jax.Array:
+  sq = jnp.sum(jnp.square(x[:, :dim].astype(jnp.float32)), axis=1)
+  return jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _scale_prefix(x: jax.Array, inv: jax.Array, dim: int) -> jax.Array:
+  return x[:, :dim] * inv[:, None]
+
+
+@functools.lru_cache(maxsize=256)
+def _cascade_program(dims, keeps, external, stage0_cached, plan, n, rows, sub_batch, mesh, axis):
+  """The jitted program for one cascade configuration (shared by indexes of one shape)."""
+  local = functools.partial(_local_cascade, dims=dims, keeps=keeps, external=external,
+                  stage0_cached=stage0_cached, plan=plan, n=n, rows=rows, sub_batch=sub_batch,
+                  axis=None if mesh is None else axis)
+  if mesh is not None:
+    replicated = 1 + int(external)  # queries (and an external shortlist)
+    sharded = 1 + 2 * len(dims)  # database, then (inverse norms, matrix) per stage
+    local = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * replicated + (P(axis),) * sharded,
+                          out_specs=(P(), P()), check_vma=False)
+  return jax.jit(local)
+
+
+def _local_cascade(q, *args, dims, keeps, external, stage0_cached, plan, n, rows, sub_batch,
+                   axis):
+  """One device's part of a cascade on a batch of queries (see :meth:`PrefixIndex.cascade`)."""
+  if external:
+    ids, args = args[0], args[1:]
+  db, caches = args[0], args[1:]
+  offset = 0 if axis is None else jax.lax.axis_index(axis) * rows
+  n_valid = jnp.clip(n - offset, 0, rows)
+  if not external:
+    inv, mat = caches[0], caches[1]
+    scale = None if stage0_cached else inv
+    scores, ids = knn.local_top_k(normalize_prefix(q, dims[0]), mat, scale, n_valid,
+                                  min(keeps[0], rows), plan, dims[0], sub_batch)
+    ids = ids + offset
+    if axis is not None:
+      scores, ids = _merge_top_k(scores, ids, keeps[0], axis)
+  for i in range(1, len(dims)):
+    inv = caches[2 * i]
+    local_ids = ids - offset
+    owned = (local_ids >= 0) & (local_ids < n_valid)
+    s = knn.gather_scores(normalize_prefix(q, dims[i]), db, inv,
+                          jnp.where(owned, local_ids, 0), dims[i], sub_batch)
+    s = jnp.where(owned, s, 0.0)
+    if axis is not None:
+      s = jax.lax.psum(s, axis)
+    scores, pos = jax.lax.top_k(s, keeps[i])
+    ids = jnp.take_along_axis(ids, pos, axis=-1)
+  return scores, ids
+
+
+def _merge_top_k(scores, ids, k, axis):
+  """Merge the per-device top-k lists into the global one."""
+  all_s = jax.lax.all_gather(scores, axis, axis=1, tiled=True)  # [Qb, devices * k]
+  all_i = jax.lax.all_gather(ids, axis, axis=1, tiled=True)
+  scores, pos = jax.lax.top_k(all_s, k)
+  return scores, jnp.take_along_axis(all_i, pos, axis=-1)
+
+
+def _check_queries(queries: Array, dim: int) -> Array:
+  if queries.ndim != 2:
+    raise ValueError(f"queries must be [Q, D], got shape {queries.shape}")
+  if queries.shape[1] < dim:
+    raise ValueError(f"queries have {queries.shape[1]} dims, the search needs {dim}")
+  if queries.shape[0] < 1:
+    raise ValueError("no queries")
+  return queries
+
+
+def _pad_rows(x: Array, rows: int) -> Array:
+  if x.shape[0] == rows:
+    return x
+  pad = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+  return np.pad(np.asarray(x), pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
