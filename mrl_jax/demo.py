@@ -12,7 +12,10 @@
 It prints one top-1 table, writes ``DIR/results.json`` as
 ``{"dims": [...], "top1": {"mrl": [...], "mrl_e": [...], "ff": [...], "truncated": [...]}}``
 (``null`` where a row has no value) and plots the curves to ``DIR/results.png``.
-Runs already finished in ``DIR`` are reused (their checkpoints are restored).
+Then it exports the MRL encoder to ``DIR/mrl/encoder`` and evaluates the MRL
+model's nested embedding (1-NN, mAP@k, cascade, adaptive and funnel retrieval)
+into ``DIR/mrl/eval/``. Runs already finished in ``DIR`` are reused (their
+checkpoints are restored).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any
 
 import ml_collections
 
-from mrl_jax import config_lib, probe, train_lib
+from mrl_jax import config_lib, export, probe, train_lib
+from mrl_jax.evaluate.report import format_table as format_evaluation
+from mrl_jax.evaluate.workdir import evaluate_workdir
 
 ROWS = (("mrl", "MRL"), ("mrl_e", "MRL-E"), ("ff", "FF-k"), ("truncated", "ordinary, truncated"))
 
@@ -35,9 +40,13 @@ def _variant(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collecti
   return config
 
 
-def run_demo(config: ml_collections.ConfigDict, workdir: str, *,
-             progress: bool = True) -> dict[str, Any]:
-  """Train every model of the comparison and return the results dict (see module doc)."""
+def run_demo(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+             evaluate: bool = True) -> dict[str, Any]:
+  """Train every model of the comparison and return the results dict (see module doc).
+
+  With ``evaluate``, the returned dict also holds ``"evaluation"``: the MRL model's
+  :func:`~mrl_jax.evaluate.report.evaluate_nested` metrics (not in ``results.json``).
+  """
   config = config_lib.validate_config(config)
   dims = list(config.nesting.dims)
   top1: dict[str, list[float | None]] = {}
@@ -60,6 +69,11 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *,
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   plot_results(results, os.path.join(workdir, "results.png"))
+  if evaluate:
+    mrl_dir = os.path.join(workdir, "mrl")
+    _say(progress, "== exporting the MRL encoder and evaluating its nested embedding")
+    export.export_encoder(mrl_dir, os.path.join(mrl_dir, "encoder"), overwrite=True)
+    results = {**results, "evaluation": evaluate_workdir(mrl_dir)}
   return results
 
 
@@ -119,9 +133,14 @@ def main(argv: Sequence[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   results = run_demo(flags.FLAGS.config, flags.FLAGS.workdir)
+  workdir = flags.FLAGS.workdir
+  print("\nMRL model, nested embedding (database = train split, queries = test split):")
+  print(format_evaluation(results["evaluation"]))
   print()
   print(format_table(results))
-  print(f"\nwrote {os.path.join(flags.FLAGS.workdir, 'results.json')} and results.png")
+  print(f"\nwrote {os.path.join(workdir, 'results.json')}, results.png, "
+        f"the MRL encoder bundle {os.path.join(workdir, 'mrl', 'encoder')} and "
+        f"{os.path.join(workdir, 'mrl', 'eval', 'metrics.json')}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,14 @@ def test_demo_writes_the_table_json_and_plot(digits_dir, tmp_path):
                        log_every_steps=40, eval_every_steps=40)
   config.nesting.dims = (4, 16)
   results = demo.run_demo(config, str(tmp_path), progress=False)
+  evaluation = results.pop("evaluation")
   with open(tmp_path / "results.json") as f:
     assert json.load(f) == results
+  # The exported MRL encoder and the nested evaluation of its embedding.
+  assert (tmp_path / "mrl" / "encoder" / "encoder.json").exists()
+  assert [row["dim"] for row in evaluation["per_dim"]] == [4, 16]
+  assert (tmp_path / "mrl" / "eval" / "metrics.json").exists()
+  assert evaluation["per_dim"][-1]["1nn"] > 0.5 and "cascade" in evaluation
   assert results["dims"] == [4, 16]
   assert set(results["top1"]) == {"mrl", "mrl_e", "ff", "truncated"}
   for row in results["top1"].values():
