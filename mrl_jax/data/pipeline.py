@@ -158,7 +158,8 @@ def eval_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: i
   num_batches = -(-per_process // local)
   ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False,
                           decoders=decoders)
-  ds = ds.map(lambda ex: {**preprocess(ex), "mask": tf.constant(1.0)})
+  ds = ds.map(lambda ex: {**preprocess(ex), "mask": tf.constant(1.0)},
+              num_parallel_calls=tf.data.AUTOTUNE)  # order is kept (deterministic)
   pad = tf.data.Dataset.from_tensors(
       tf.nest.map_structure(tf.zeros_like, next(iter(ds.take(1))))).repeat()
   ds = ds.concatenate(pad).take(num_batches * local).batch(local)
