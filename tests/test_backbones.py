@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocess_util import run_python
 
 from configs import cifar10_resnet18, imagenet_resnet50, imagenet_vit_b16
 from mrl_jax import config_lib, models
@@ -142,3 +143,27 @@ def test_vit_pools_a_token_and_uses_dropout_only_in_training(fast_prng):
 
 def test_every_backbone_is_registered_for_the_shared_heads():
   assert {"mlp", "cnn", "resnet", "vit"} <= set(models.ENCODERS)
+
+
+MESH_BATCH_NORM = """
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+from mrl_jax import sharding
+from mrl_jax.models.norm import batch_norm
+mesh = sharding.make_mesh()
+assert mesh.size == 4
+x = jax.random.normal(jax.random.PRNGKey(0), (8, 3)) * jnp.arange(1, 9)[:, None]
+xs = jax.device_put(x, sharding.batch_sharding(mesh))
+def train(group_size, x):
+  norm = batch_norm(train=True, group_size=group_size, dtype=jnp.float32)()
+  variables = norm.init(jax.random.PRNGKey(0), x[:2])
+  return norm.apply(variables, x, mutable=["batch_stats"])[0]
+for group_size, groups in ((None, 1), (2, 4)):  # global default; per device
+  got = jax.jit(train, static_argnums=0)(group_size, xs)
+  want = jnp.concatenate([train(None, part) for part in jnp.split(x, groups)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_batch_norm_is_global_over_the_mesh_unless_grouped_per_device():
+  assert run_python(MESH_BATCH_NORM, devices=4).strip().endswith("ok")

@@ -35,8 +35,9 @@ def _run(config, workdir: str):
     return experiment, experiment.train(progress=False)
 
 
+# imagenet_resnet50 trains in the progressive-resizing test below (with a tiny
+# CNN) and, with its own bottleneck ResNet-50, in the slow test.
 @pytest.mark.parametrize("module,encoder,dims", [
-    (imagenet_resnet50, dict(embed_dim=32, depth=18, width=4), [8, 16, 32]),
     (cifar10_resnet18, dict(embed_dim=32, width=4), [8, 16, 32]),
     (imagenet_vit_b16, dict(embed_dim=16, patch_size=8, num_layers=1, num_heads=2, mlp_dim=32),
      [8, 16]),
@@ -63,15 +64,16 @@ def test_resnet50_bottleneck_config_trains_each_head(head, tmp_path, fast_prng):
 
 
 def test_progressive_resizing_compiles_the_train_step_once_per_size(tmp_path, fast_prng):
-  # 8 mock examples / batch 4 = 2 steps per epoch: epochs 0-1 train at 16 px,
-  # epoch 2 at 32 px, evaluation at 32 px.
+  # The ImageNet recipe with a tiny CNN. 8 mock examples / batch 4 = 2 steps per
+  # epoch: epochs 0-1 train at 16 px, epoch 2 at 32 px, evaluation at 32 px.
   config = _shrink(imagenet_resnet50.get_config(), str(tmp_path / "tfds"))
   config.encoder = dict(name="cnn", embed_dim=16, features=(4,))
   config.nesting.start = 4
   config.num_train_steps = 6
   config.log_every_steps = 1
   experiment, result = _run(config, str(tmp_path / "work"))
-  assert result["step"] == 6
+  assert result["step"] == 6 and result["eval"]["num_examples"] == MOCK_EXAMPLES
+  assert np.all(np.isfinite(result["eval"]["loss_per_dim"]))
   assert experiment._train_step._cache_size() == 2  # 16 px and 32 px, not once per step
 
 
