@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mrl_jax import config_lib, models, optim, preemption
 from mrl_jax import sharding as sharding_lib
 from mrl_jax.checkpoints import Checkpointer
-from mrl_jax.data import pipeline
+from mrl_jax.data import images, pipeline
 from mrl_jax.losses import nested_loss_per_dim, softmax_cross_entropy_per_dim
 from mrl_jax.metric_writers import MetricWriter, expand_per_dim
 
@@ -220,14 +220,15 @@ class Experiment:
     self.best_metric = _check_best_metric(config.get("best_metric"), self.dims)
     self.builder = pipeline.get_builder(config.dataset, config.data_dir)
     self.spec = pipeline.dataset_spec(self.builder, config.train_split, config.eval_split)
+    self.input = images.ImageInput.from_config(config)
     self.steps_per_epoch = max(self.spec.num_train_examples // config.batch_size, 1)
     self.total_steps, _ = optim.total_and_warmup_steps(config, self.steps_per_epoch)
     self.model = models.build_classifier(config, self.spec.num_classes)
     self.schedule = optim.learning_rate_schedule(config, self.steps_per_epoch)
     self.state = create_train_state(
         jax.random.PRNGKey(config.seed), self.model, optim.make_optimizer(config, self.schedule),
-        self.spec.image_shape, self.mesh, config.get("fsdp_min_size",
-                                                     sharding_lib.DEFAULT_FSDP_MIN_SIZE))
+        self.input.model_input_shape(self.spec.image_shape), self.mesh,
+        config.get("fsdp_min_size", sharding_lib.DEFAULT_FSDP_MIN_SIZE))
     config_json = json.loads(config_lib.to_json(config))
     self.checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -260,8 +261,8 @@ class Experiment:
 
   def eval_batches(self, split: str | None = None) -> Iterable[dict]:
     """A padded, masked pass over ``split`` (default: the config's eval split)."""
-    return pipeline.eval_batches(self.builder, split or self.config.eval_split,
-                                 batch_size=self.config.batch_size)
+    return self.input.eval_batches(self.builder, split or self.config.eval_split,
+                                   batch_size=self.config.batch_size)
 
   def evaluate(self) -> dict[str, np.ndarray]:
     return evaluate(self._eval_step, self.state, self.eval_batches(), self._to_global)
@@ -293,9 +294,10 @@ class Experiment:
       with open(os.path.join(self.workdir, "config.json"), "w") as f:
         f.write(config_lib.to_json(config))
     start = self.step
-    batches = pipeline.train_batches(
+    batches = pipeline.prefetch_to_device(self.input.train_batches(
         self.builder, config.train_split, batch_size=config.batch_size, seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer, start_step=start)
+        shuffle_buffer=config.shuffle_buffer, steps_per_epoch=self.steps_per_epoch,
+        start_step=start), self._to_global)
     pending: list[tuple[int, jax.Array]] = []
     history: list[dict] = []
     bar = tqdm(total=self.total_steps, initial=start, disable=not (progress and main),
@@ -305,7 +307,7 @@ class Experiment:
     tick = time.perf_counter()
     try:
       for step in range(start + 1, self.total_steps + 1):
-        self.state, metrics = self._train_step(self.state, self._to_global(next(batches)))
+        self.state, metrics = self._train_step(self.state, next(batches))
         if on_step is not None:
           on_step(step, metrics)
         pending.append((step, metrics["loss"]))

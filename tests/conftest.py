@@ -52,3 +52,15 @@ def digits_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
   pipeline.get_builder("sklearn_digits", path)
   return path
+
+
+@pytest.fixture
+def fast_prng():
+  """Use the ``rbg`` PRNG for one test: XLA:CPU compiles the ``threefry`` bits of a
+  ResNet's jitted init in tens of seconds on small machines, ``rbg`` in a few."""
+  import jax
+
+  old = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "rbg")
+  yield
+  jax.config.update("jax_default_prng_impl", old)

@@ -11,6 +11,7 @@ batch is padded, never dropped, and no example is counted twice.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -94,7 +95,9 @@ def _to_float(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 
 def train_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: int,
                   seed: int, shuffle_buffer: int, start_step: int = 0,
-                  preprocess: Callable[[dict], dict] = _to_float) -> Iterator[dict]:
+                  preprocess: Callable[[dict], dict] = _to_float,
+                  augment: Callable[[dict, tf.Tensor, tf.Tensor], dict] | None = None,
+                  cache: bool = True, decoders: dict | None = None) -> Iterator[dict]:
   """An endless, seeded, per-process iterator of numpy train batches.
 
   The order depends only on ``seed``, so a run restarted at ``start_step``
@@ -102,26 +105,45 @@ def train_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: 
 
   Args:
     batch_size: the GLOBAL batch size; each process yields its share.
-    start_step: how many batches to skip (resuming).
+    start_step: how many batches to skip (resuming); skipped examples are
+      never augmented.
+    preprocess: deterministic per-example map, applied once before the cache.
+    augment: random per-example map ``augment(example, rng, step)`` applied
+      after shuffling (fresh every epoch): ``rng`` is a stateless-RNG seed
+      ``int64 [2]`` unique to the example's position in the global stream,
+      ``step`` the 0-based index of the batch the example lands in (so that
+      schedules such as progressive resizing can depend on it).
+    cache: keep the preprocessed split in memory (small data sets).
+    decoders: TFDS decoders, e.g. ``{"image": tfds.decode.SkipDecoding()}``.
 
   Yields:
     ``{"image": [b, H, W, C] float32, "label": [b] int32}`` with
     ``b = batch_size // jax.process_count()``.
   """
   local = _local_batch_size(batch_size)
-  ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).cache()
+  ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False,
+                          decoders=decoders)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  if cache:
+    ds = ds.cache()
   ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+  ds = ds.enumerate().skip(start_step * local)
+  if augment is None:
+    ds = ds.map(lambda i, ex: ex)
+  else:
+    processes, process = jax.process_count(), jax.process_index()
+    ds = ds.map(lambda i, ex: augment(ex, tf.stack([tf.constant(seed, tf.int64),
+                                                    i * processes + process]), i // local),
+                num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local, drop_remainder=True)
-  if start_step:
-    ds = ds.skip(start_step)
   options = tf.data.Options()
   options.deterministic = True
   return iter(tfds.as_numpy(ds.with_options(options).prefetch(2)))
 
 
 def eval_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: int,
-                 preprocess: Callable[[dict], dict] = _to_float) -> Iterator[dict]:
+                 preprocess: Callable[[dict], dict] = _to_float,
+                 decoders: dict | None = None) -> Iterator[dict]:
   """One pass over ``split`` in fixed-size batches, padded and masked.
 
   Every process yields the same number of batches (collectives need that);
@@ -134,8 +156,10 @@ def eval_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: i
   total = split_size(builder, split)
   per_process = -(-total // jax.process_count())
   num_batches = -(-per_process // local)
-  ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
-  ds = ds.map(lambda ex: {**preprocess(ex), "mask": tf.constant(1.0)})
+  ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False,
+                          decoders=decoders)
+  ds = ds.map(lambda ex: {**preprocess(ex), "mask": tf.constant(1.0)},
+              num_parallel_calls=tf.data.AUTOTUNE)  # order is kept (deterministic)
   pad = tf.data.Dataset.from_tensors(
       tf.nest.map_structure(tf.zeros_like, next(iter(ds.take(1))))).repeat()
   ds = ds.concatenate(pad).take(num_batches * local).batch(local)
@@ -147,6 +171,22 @@ def _local_batch_size(batch_size: int) -> int:
     raise ValueError(
         f"batch_size={batch_size} does not divide over {jax.process_count()} processes")
   return batch_size // jax.process_count()
+
+
+def prefetch_to_device(batches: Iterator[dict], to_global: Callable[[dict], Any],
+                       size: int = 2) -> Iterator[Any]:
+  """Yield ``to_global(batch)`` with ``size`` batches already sent to the devices.
+
+  The transfers are asynchronous, so the next batches travel while the
+  current step computes.
+  """
+  queue: collections.deque = collections.deque()
+  for batch in batches:
+    queue.append(to_global(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def as_global(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, jax.Array]:

@@ -1,7 +1,8 @@
 """Encoders and the encoder+head classifier.
 
-:func:`build_classifier` turns a config into a :class:`Classifier`; later
-backbones register themselves in :data:`ENCODERS`.
+:func:`build_classifier` turns a config into a :class:`Classifier`. Every
+backbone in :data:`ENCODERS` maps ``(x, train) -> z [B, D]`` and nothing else:
+the nested heads and losses are shared by all of them.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import jax.numpy as jnp
 
 from mrl_jax.heads import FixedFeatureHead, MRLHead
 from mrl_jax.models.classifier import Classifier, head_dims
+from mrl_jax.models.resnet import ResNet
 from mrl_jax.models.small import CNN, MLP
+from mrl_jax.models.vit import ViT
 
-ENCODERS: dict[str, Any] = {"mlp": MLP, "cnn": CNN}
+ENCODERS: dict[str, Any] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "vit": ViT}
 HEADS = ("mrl", "mrl_e", "ff")
 
-__all__ = ["CNN", "ENCODERS", "HEADS", "MLP", "Classifier", "build_classifier", "build_encoder",
-           "head_dims"]
+__all__ = ["CNN", "ENCODERS", "HEADS", "MLP", "Classifier", "ResNet", "ViT", "build_classifier",
+           "build_encoder", "head_dims"]
 
 
 def build_encoder(encoder: Mapping[str, Any], half_precision: bool = False) -> nn.Module:
