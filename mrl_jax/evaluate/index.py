@@ -1,12 +1,12 @@
 """A database of nested embeddings, stored once at full size, searched at any prefix.
 
-:class:`PrefixIndex` holds the database ``[N, D]`` once. A prefix ``x[:m]`` is never
-copied to be searched: every score is ``<q[:m] / |q[:m]|, x[:m]> / |x[:m]|``, i.e. the
-prefixes are truncated THEN L2-normalised (cosine similarity of the prefixes). The
-inverse norms ``1 / |x[:m]|`` (``[N]`` per prefix size) are computed once and cached.
-For small shortlist sizes (``m <= max_cached_dim``) a contiguous normalised copy
-``[N, m]`` is also cached, because a scan that reads ``m`` floats out of every
-``D``-float row is bound by memory traffic rather than arithmetic.
+:class:`PrefixIndex` holds the database ``[N, D]`` once; a prefix ``x[:m]`` is a slice
+of it. Every score is ``<q[:m] / |q[:m]|, x[:m]> / |x[:m]|``: prefixes are truncated
+THEN L2-normalised (cosine similarity of the prefixes). The inverse norms
+``1 / |x[:m]|`` (``[N]`` per prefix size) are computed once and cached. For the small
+prefix a shortlist scans (``m <= max_cached_dim``) a contiguous normalised copy
+``[N, m]`` is cached as well, built once: a scan reading ``m`` floats out of every
+``D``-float row would be bound by memory traffic rather than arithmetic.
 
 Searches run as one jitted program per batch of queries and per cascade
 ``(dims, keeps)``: stage 0 is an exact top-``keeps[0]`` search over the whole
@@ -98,8 +98,9 @@ class PrefixIndex:
     block_size: database rows scored per step of the scan (see :mod:`knn`).
     group_size: rows per group in the two-pass top-k (see :mod:`knn`).
     sub_batch: queries whose gathered rows are scored at once.
-    max_cached_dim: prefixes up to this size get a normalised contiguous copy;
-      default ``D // 8`` (at most 1/8 more memory per cached size).
+    max_cached_dim: prefixes up to this size get a normalised contiguous copy when
+      they are a first (whole-database) stage; default ``min(64, D // 8)``. Larger
+      prefixes are read from the stored rows and scaled by cached inverse norms.
   """
 
   def __init__(self, database: Array, *, mesh: Mesh | None = None, axis: str = "db",
@@ -128,7 +129,8 @@ class PrefixIndex:
     per_call = sub_batch * (mesh.size if mesh is not None and shard == "queries" else 1)
     self.query_batch = -(-query_batch // per_call) * per_call
     self.block_size, self.group_size, self.sub_batch = block_size, group_size, sub_batch
-    self.max_cached_dim = self.embed_dim // 8 if max_cached_dim is None else max_cached_dim
+    self.max_cached_dim = (min(64, self.embed_dim // 8) if max_cached_dim is None
+                           else max_cached_dim)
     self.rows_per_shard = -(-self.n // self.num_shards)
     self._db = self._place(database, self.embed_dim)
     self._inv_norm: dict[int, jax.Array] = {}
