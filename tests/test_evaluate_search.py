@@ -180,22 +180,25 @@ _SHARDED = textwrap.dedent("""
     from mrl_jax.evaluate.index import PrefixIndex
     from tests.test_evaluate_search import SMALL, _brute_force, _data, _numpy_cascade
     assert len(jax.devices()) == 3
-    for n in (5, 301):  # 301 rows: padded to 303 over 3 shards
-      x, q = _data(n, d=16)
-      index = PrefixIndex(x, **SMALL)
-      assert index.mesh.size == 3 and index.database.sharding.spec[0] == "db"
-      k = min(n, 6)
-      scores, ids = index.search(q, k, 3)
-      np.testing.assert_array_equal(ids, _brute_force(q, x, 3, k)[1])
-      np.testing.assert_allclose(scores, _brute_force(q, x, 3, k)[0], atol=1e-5)
-      if n > 100:
-        _, ids = index.cascade(q, (2, 16), (40, 5))
-        np.testing.assert_array_equal(ids, _numpy_cascade(q, x, (2, 16), (40, 5)))
+    assert PrefixIndex(np.ones((4, 2), np.float32)).shard == "queries"  # CPU default
+    for shard in ("database", "queries"):
+      for n in (5, 301):  # 301 rows: padded to 303 over 3 database shards
+        x, q = _data(n, d=16)
+        index = PrefixIndex(x, shard=shard, **SMALL)
+        assert index.mesh.size == 3
+        assert index.database.sharding.is_fully_replicated == (shard == "queries")
+        k = min(n, 6)
+        scores, ids = index.search(q, k, 3)
+        np.testing.assert_array_equal(ids, _brute_force(q, x, 3, k)[1])
+        np.testing.assert_allclose(scores, _brute_force(q, x, 3, k)[0], atol=1e-5)
+        if n > 100:
+          _, ids = index.cascade(q, (2, 16), (40, 5))
+          np.testing.assert_array_equal(ids, _numpy_cascade(q, x, (2, 16), (40, 5)))
     print("SHARDED_OK")
 """)
 
 
-def test_database_sharded_over_three_devices_gives_the_same_answers():
+def test_three_devices_sharding_database_or_queries_give_the_same_answers():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=3", PYTHONPATH=root)

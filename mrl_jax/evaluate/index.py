@@ -1,12 +1,12 @@
 """A database of nested embeddings, stored once at full size, searched at any prefix.
 
-:class:`PrefixIndex` holds the database ``[N, D]`` once. A prefix ``x[:m]`` is never
-copied to be searched: every score is ``<q[:m] / |q[:m]|, x[:m]> / |x[:m]|``, i.e. the
-prefixes are truncated THEN L2-normalised (cosine similarity of the prefixes). The
-inverse norms ``1 / |x[:m]|`` (``[N]`` per prefix size) are computed once and cached.
-For small shortlist sizes (``m <= max_cached_dim``) a contiguous normalised copy
-``[N, m]`` is also cached, because a scan that reads ``m`` floats out of every
-``D``-float row is bound by memory traffic rather than arithmetic.
+:class:`PrefixIndex` holds the database ``[N, D]`` once; a prefix ``x[:m]`` is a slice
+of it. Every score is ``<q[:m] / |q[:m]|, x[:m]> / |x[:m]|``: prefixes are truncated
+THEN L2-normalised (cosine similarity of the prefixes). The inverse norms
+``1 / |x[:m]|`` (``[N]`` per prefix size) are computed once and cached. For the small
+prefix a shortlist scans (``m <= max_cached_dim``) a contiguous normalised copy
+``[N, m]`` is cached as well, built once: a scan reading ``m`` floats out of every
+``D``-float row would be bound by memory traffic rather than arithmetic.
 
 Searches run as one jitted program per batch of queries and per cascade
 ``(dims, keeps)``: stage 0 is an exact top-``keeps[0]`` search over the whole
@@ -15,10 +15,15 @@ stage re-ranks the survivors with the first ``dims[i]`` dims and keeps the best
 ``keeps[i]``. Exact search is the one-stage cascade, adaptive retrieval the two-stage
 one, funnel retrieval the many-stage one.
 
-With several devices the database rows are sharded over a one-axis
-:class:`jax.sharding.Mesh` (``NamedSharding(mesh, P(axis))``); each device scans its
-rows, the per-device top-k lists are all-gathered and merged, and re-ranking gathers
-each candidate on the device that holds it (a ``psum`` assembles the scores).
+With several devices, over a one-axis :class:`jax.sharding.Mesh`, either
+
+* ``shard="database"``: the rows are sharded (``NamedSharding(mesh, P(axis))``);
+  each device scans its rows, the per-device top-k lists are all-gathered and
+  merged, and re-ranking gathers each candidate on the device that holds it (a
+  ``psum`` assembles the scores). For accelerators and databases too large for one.
+* ``shard="queries"``: the database is replicated and each device answers its share
+  of every query batch, with no communication. On a CPU host the replicas alias the
+  same host buffer (no copy), so this is the default when the devices are CPUs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from mrl_jax.evaluate import knn
 
 Array = jax.Array | np.ndarray
+SHARD_MODES = ("database", "queries")
 
 
 def normalize_prefix(x: jax.Array, dim: int) -> jax.Array:
@@ -83,20 +89,23 @@ class PrefixIndex:
   Args:
     database: ``[N, D]`` float embeddings (numpy or JAX). On one device a 64-byte
       aligned float32 numpy array is used in place (no copy; do not modify it).
-    mesh: a one-axis mesh to shard the rows over; default: all devices when there
-      are several (``Mesh(jax.devices(), (axis,))``), none otherwise.
+    mesh: a one-axis mesh; default: all devices when there are several
+      (``Mesh(jax.devices(), (axis,))``), none otherwise.
     axis: the mesh axis name.
+    shard: ``"database"`` or ``"queries"`` (see the module docstring); default
+      ``"queries"`` when the mesh's devices are CPUs, else ``"database"``.
     query_batch: queries per jitted call (the last batch is padded).
     block_size: database rows scored per step of the scan (see :mod:`knn`).
     group_size: rows per group in the two-pass top-k (see :mod:`knn`).
     sub_batch: queries whose gathered rows are scored at once.
-    max_cached_dim: prefixes up to this size get a normalised contiguous copy;
-      default ``D // 8`` (at most 1/8 more memory per cached size).
+    max_cached_dim: prefixes up to this size get a normalised contiguous copy when
+      they are a first (whole-database) stage; default ``min(64, D // 8)``. Larger
+      prefixes are read from the stored rows and scaled by cached inverse norms.
   """
 
   def __init__(self, database: Array, *, mesh: Mesh | None = None, axis: str = "db",
-               query_batch: int = 256, block_size: int = 4096, group_size: int = 32,
-               sub_batch: int = 8, max_cached_dim: int | None = None):
+               shard: str | None = None, query_batch: int = 256, block_size: int = 4096,
+               group_size: int = 32, sub_batch: int = 8, max_cached_dim: int | None = None):
     if database.ndim != 2 or database.shape[0] < 1 or database.shape[1] < 1:
       raise ValueError(f"database must be [N, D] with N, D >= 1, got shape {database.shape}")
     if not np.issubdtype(database.dtype, np.floating):
@@ -109,12 +118,19 @@ class PrefixIndex:
       mesh = Mesh(np.array(jax.devices()), (axis,))
     if mesh is not None and mesh.axis_names != (axis,):
       raise ValueError(f"mesh must have the single axis {axis!r}, got {mesh.axis_names}")
+    if shard is None:
+      cpu = mesh is None or all(d.platform == "cpu" for d in mesh.devices.flat)
+      shard = "queries" if cpu else "database"
+    if shard not in SHARD_MODES:
+      raise ValueError(f"shard must be one of {SHARD_MODES}, got {shard!r}")
     self.n, self.embed_dim = int(database.shape[0]), int(database.shape[1])
-    self.mesh, self.axis = mesh, axis
-    self.num_shards = 1 if mesh is None else mesh.size
-    self.query_batch = -(-query_batch // sub_batch) * sub_batch
+    self.mesh, self.axis, self.shard = mesh, axis, shard
+    self.num_shards = 1 if mesh is None or shard == "queries" else mesh.size
+    per_call = sub_batch * (mesh.size if mesh is not None and shard == "queries" else 1)
+    self.query_batch = -(-query_batch // per_call) * per_call
     self.block_size, self.group_size, self.sub_batch = block_size, group_size, sub_batch
-    self.max_cached_dim = self.embed_dim // 8 if max_cached_dim is None else max_cached_dim
+    self.max_cached_dim = (min(64, self.embed_dim // 8) if max_cached_dim is None
+                           else max_cached_dim)
     self.rows_per_shard = -(-self.n // self.num_shards)
     self._db = self._place(database, self.embed_dim)
     self._inv_norm: dict[int, jax.Array] = {}
@@ -124,7 +140,9 @@ class PrefixIndex:
   # -- storage -------------------------------------------------------------------------
 
   def _row_sharding(self) -> NamedSharding | None:
-    return None if self.mesh is None else NamedSharding(self.mesh, P(self.axis, None))
+    if self.mesh is None:
+      return None
+    return NamedSharding(self.mesh, P() if self.shard == "queries" else P(self.axis, None))
 
   def _place(self, x: Array, dim: int) -> jax.Array:
     """Put ``x [N, dim]`` on the device(s), padding rows to a multiple of the shards."""
@@ -228,7 +246,8 @@ class PrefixIndex:
     plan = knn.block_plan(self.rows_per_shard, self._block_rows(dims[0]), self.group_size)
     return _cascade_program(dims, keeps, external,
                             (not external) and dims[0] <= self.max_cached_dim, plan, self.n,
-                            self.rows_per_shard, self.sub_batch, self.mesh, self.axis)
+                            self.rows_per_shard, self.sub_batch, self.mesh, self.axis,
+                            self.shard)
 
   def _block_rows(self, dim: int) -> int:
     """Rows per scan block: ``block_size`` at small dims, ~4 MB of rows at large ones."""
@@ -247,16 +266,19 @@ def _scale_prefix(x: jax.Array, inv: jax.Array, dim: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=256)
-def _cascade_program(dims, keeps, external, stage0_cached, plan, n, rows, sub_batch, mesh, axis):
+def _cascade_program(dims, keeps, external, stage0_cached, plan, n, rows, sub_batch, mesh, axis,
+                     shard):
   """The jitted program for one cascade configuration (shared by indexes of one shape)."""
+  by_rows = mesh is not None and shard == "database"
   local = functools.partial(_local_cascade, dims=dims, keeps=keeps, external=external,
-                  stage0_cached=stage0_cached, plan=plan, n=n, rows=rows, sub_batch=sub_batch,
-                  axis=None if mesh is None else axis)
+                            stage0_cached=stage0_cached, plan=plan, n=n, rows=rows,
+                            sub_batch=sub_batch, axis=axis if by_rows else None)
   if mesh is not None:
-    replicated = 1 + int(external)  # queries (and an external shortlist)
-    sharded = 1 + 2 * len(dims)  # database, then (inverse norms, matrix) per stage
-    local = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * replicated + (P(axis),) * sharded,
-                          out_specs=(P(), P()), check_vma=False)
+    per_query = 1 + int(external)  # queries (and an external shortlist)
+    stored = 1 + 2 * len(dims)  # database, then (inverse norms, matrix) per stage
+    q_spec, db_spec = (P(), P(axis)) if by_rows else (P(axis), P())
+    local = jax.shard_map(local, mesh=mesh, in_specs=(q_spec,) * per_query + (db_spec,) * stored,
+                          out_specs=(q_spec, q_spec), check_vma=False)
   return jax.jit(local)
 
 
