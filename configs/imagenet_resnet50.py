@@ -1,6 +1,6 @@
 """The paper's ResNet-50 / ImageNet-1K recipe (DESIGN.md section 2).
 
-One command per row of the paper's table (see docs_paper.md):
+One command per row of the paper's table (see the README's "Reproducing the paper"):
 
   python train.py --config=configs/imagenet_resnet50.py --workdir=DIR \
       --config.data_dir=gs://BUCKET/tensorflow_datasets            # MRL
