@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 
 from mrl_jax import config_lib, export, probe, train_lib
+from mrl_jax.evaluate import plots
 from mrl_jax.evaluate.report import format_table as format_evaluation
 from mrl_jax.evaluate.workdir import evaluate_workdir
 
@@ -101,25 +102,13 @@ def format_table(results: dict[str, Any]) -> str:
 
 def plot_results(results: dict[str, Any], path: str) -> None:
   """Top-1 vs nested dim (log2 x-axis), one curve per row, saved as a PNG."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
+  curves = {}
   for key, label in ROWS:
-    values = results["top1"].get(key)
-    if values:
-      pts = [(m, 100 * v) for m, v in zip(results["dims"], values, strict=True) if v is not None]
-      ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("representation size (dims)")
-  ax.set_ylabel("top-1 accuracy (%)")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+    values = results["top1"].get(key) or []
+    pts = [(m, 100 * v) for m, v in zip(results["dims"], values, strict=False) if v is not None]
+    if pts:
+      curves[label] = tuple(zip(*pts, strict=True))
+  plots.plot_accuracy_vs_dim(curves, path)
 
 
 def _say(enabled: bool, text: str) -> None:
