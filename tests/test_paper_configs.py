@@ -19,6 +19,9 @@ def _shrink(config, data_dir: str, **encoder):
   config.num_train_steps = 2
   config.shuffle_buffer = 8
   config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  # tfds.testing.mock_data reroutes file paths while it is active, which races with
+  # Orbax's background commit; async saves are tested without mock_data elsewhere.
+  config.async_checkpointing = False
   config.encoder.update(encoder)
   if config.input.style == "imagenet":
     config.input.image_size = 32
@@ -71,9 +74,6 @@ def test_progressive_resizing_compiles_the_train_step_once_per_size(tmp_path, fa
   config.nesting.start = 4
   config.num_train_steps = 6
   config.log_every_steps = 1
-  # tfds.testing.mock_data reroutes file paths while it is active, which breaks Orbax's
-  # background commit of a second save; outside mock_data async saves are tested elsewhere.
-  config.async_checkpointing = False
   experiment, result = _run(config, str(tmp_path / "work"))
   assert result["step"] == 6 and result["eval"]["num_examples"] == MOCK_EXAMPLES
   assert np.all(np.isfinite(result["eval"]["loss_per_dim"]))
