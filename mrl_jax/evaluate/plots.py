@@ -17,6 +17,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
+def _finish(fig: Figure, ax, path: str | os.PathLike, *, xlabel: str, ylabel: str,
+            title: str | None) -> str:
+  """Labels, grid, legend and title, then save as a PNG; returns ``path``."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  if title:
+    ax.set_title(title)
+  return _save(fig, path)
+
+
 def _save(fig: Figure, path: str | os.PathLike) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   FigureCanvasAgg(fig)
@@ -40,13 +52,7 @@ def plot_accuracy_vs_dim(curves: Mapping[str, tuple[Sequence[int], Sequence[floa
   ax.set_xscale("log", base=2)
   all_dims = sorted({int(d) for dims, _ in curves.values() for d in dims})
   ax.set_xticks(all_dims, [str(d) for d in all_dims])
-  ax.set_xlabel("representation size (dims)")
-  ax.set_ylabel(ylabel)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  if title:
-    ax.set_title(title)
-  return _save(fig, path)
+  return _finish(fig, ax, path, xlabel="representation size (dims)", ylabel=ylabel, title=title)
 
 
 def plot_map_vs_mflops(series: Mapping[str, tuple[Sequence[float], Sequence[float],
@@ -66,13 +72,7 @@ def plot_map_vs_mflops(series: Mapping[str, tuple[Sequence[float], Sequence[floa
     for x, y, text in zip(mflops, values, labels, strict=True):
       ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
   ax.set_xscale("log")
-  ax.set_xlabel("MFLOPs / query")
-  ax.set_ylabel(ylabel)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  if title:
-    ax.set_title(title)
-  return _save(fig, path)
+  return _finish(fig, ax, path, xlabel="MFLOPs / query", ylabel=ylabel, title=title)
 
 
 def plot_cascade(expected_dims: Sequence[float], accuracies: Sequence[float],
@@ -90,10 +90,5 @@ def plot_cascade(expected_dims: Sequence[float], accuracies: Sequence[float],
   if fixed_dims is not None and fixed_accuracies is not None:
     ax.plot(fixed_dims, fixed_accuracies, marker="s", linestyle="--", label="fixed size")
   ax.set_xscale("log", base=2)
-  ax.set_xlabel("expected representation size (dims)")
-  ax.set_ylabel("top-1 accuracy (%)")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  if title:
-    ax.set_title(title)
-  return _save(fig, path)
+  return _finish(fig, ax, path, xlabel="expected representation size (dims)",
+                 ylabel="top-1 accuracy (%)", title=title)
