@@ -447,9 +447,6 @@ class PairExperiment:
   ``num_train_steps``, evaluates and exports the encoder.
   """
 
-  step = train_lib.Experiment.step
-  _check_finite = train_lib.Experiment._check_finite  # the classifier loop's NaN/inf stop
-
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.mesh = sharding_lib.make_mesh()
     self.bert = build_encoder(config)
@@ -485,6 +482,10 @@ class PairExperiment:
     self._scored = read_scored_pairs(config.eval_file) if config.eval_file else None
     self._eval_pairs = read_pairs(config.eval_pairs_file) if config.eval_pairs_file else None
 
+  @property
+  def step(self) -> int:
+    return int(jax.device_get(self.state.step))
+
   def evaluate(self) -> dict[str, np.ndarray]:
     """:func:`evaluate_text` of the current parameters on the config's eval files."""
     return evaluate_text(self._encode, self.state.params, self.bert.tokenizer, self.dims,
@@ -504,8 +505,7 @@ class PairExperiment:
     config, main = self.config, jax.process_index() == 0
     writer = MetricWriter(self.workdir, enabled=main, echo=tqdm.write if progress else None)
     if main:
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
+      train_lib.write_config(self.workdir, config)
     batches = pair_batches(self._train_arrays(), batch_size=config.batch_size,
                            seed=config.seed, start_step=self.step)
     pending, history = [], []
@@ -520,10 +520,10 @@ class PairExperiment:
         bar.update(1)
         due = lambda every, step=step: step % every == 0 or step == self.total_steps
         if due(config.log_every_steps) or due(config.checkpoint_every_steps):
-          self._check_finite(pending)
+          train_lib.check_finite(pending, self.checkpointer)
           pending = []
         if due(config.log_every_steps):
-          scalars = expand_per_dim(train_lib._mean_metrics(history), self.dims)
+          scalars = expand_per_dim(train_lib.mean_metrics(history), self.dims)
           scalars["pairs_per_sec"] = len(history) * config.batch_size / (
               time.perf_counter() - tick)
           writer.write_scalars(step, scalars, prefix="train/")
@@ -546,8 +546,7 @@ class PairExperiment:
     if main:
       save_text_encoder(result["export_dir"], self.state.params, self.bert.model,
                         self.bert.tokenizer, dims=self.dims)
-      with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
+      train_lib.write_final_metrics(self.workdir, result)
     return result
 
 

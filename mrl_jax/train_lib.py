@@ -170,16 +170,40 @@ def predict(state: TrainState, batches: Iterable[dict], mesh: jax.sharding.Mesh)
           "label": np.concatenate(labels)}
 
 
-def _first_bad_step(losses: list[tuple[int, jax.Array]]) -> tuple[int, float] | None:
-  for step, loss in losses:
+def check_finite(pending: list[tuple[int, jax.Array]], checkpointer: Checkpointer) -> None:
+  """Raise :class:`NonFiniteLossError` naming the first ``(step, loss)`` that is NaN/inf.
+
+  Called before every save, so no checkpoint is written after a bad step; the
+  message says which checkpoint in ``checkpointer`` survives.
+  """
+  for step, loss in pending:
     value = float(loss)
     if not np.isfinite(value):
-      return step, value
-  return None
+      latest = checkpointer.latest_step()
+      kept = (f"the last good checkpoint (step {latest}) in {checkpointer.directory} "
+              "is untouched" if latest is not None else "no checkpoint had been saved yet")
+      raise NonFiniteLossError(
+          f"loss became {value} at step {step}; training stopped and {kept}. "
+          "Lower the learning rate, enable label smoothing or check the inputs.")
 
 
-def _mean_metrics(history: list[dict]) -> dict[str, np.ndarray]:
+def mean_metrics(history: list[dict]) -> dict[str, np.ndarray]:
+  """Per-key mean over a list of per-step metric pytrees (fetched from the devices)."""
   return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *jax.device_get(history))
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """``workdir/config.json``: the validated config a run trains with (for humans and tools)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config_lib.to_json(config))
+
+
+def write_final_metrics(workdir: str, result: dict[str, Any]) -> dict[str, Any]:
+  """``workdir/final_metrics.json``; returns ``result``."""
+  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  return result
 
 
 def eval_metric_names(dims: tuple[int, ...]) -> list[str]:
@@ -291,8 +315,7 @@ class Experiment:
     writer = MetricWriter(self.workdir, enabled=main, echo=tqdm.write if progress else None)
     os.makedirs(self.workdir, exist_ok=True)
     if main:
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
+      write_config(self.workdir, config)
     start = self.step
     batches = pipeline.prefetch_to_device(self.input.train_batches(
         self.builder, config.train_split, batch_size=config.batch_size, seed=config.seed,
@@ -315,9 +338,9 @@ class Experiment:
         bar.update(1)
         last = step == self.total_steps
         if step % config.log_every_steps == 0 or last:
-          self._check_finite(pending)
+          check_finite(pending, self.checkpointer)
           pending = []
-          scalars = expand_per_dim(_mean_metrics(history), self.dims)
+          scalars = expand_per_dim(mean_metrics(history), self.dims)
           scalars["examples_per_sec"] = (
               len(history) * config.batch_size / (time.perf_counter() - tick))
           writer.write_scalars(step, scalars, prefix="train/")
@@ -329,7 +352,7 @@ class Experiment:
         preempted = watch.reached(step)
         if (step % config.checkpoint_every_steps == 0 or last or preempted
             or (self.best_metric and eval_scalars is not None)):
-          self._check_finite(pending)
+          check_finite(pending, self.checkpointer)
           pending = []
           self.checkpointer.save(step, self.state, metrics=eval_scalars,
                                  extra_metadata={"data_position": self._data_position(step)})
@@ -342,25 +365,11 @@ class Experiment:
       self.checkpointer.close()
     return self._final_metrics(main)
 
-  def _check_finite(self, pending: list[tuple[int, jax.Array]]) -> None:
-    bad = _first_bad_step(pending)
-    if bad is not None:
-      step, value = bad
-      latest = self.checkpointer.latest_step()
-      kept = (f"the last good checkpoint (step {latest}) in {self.checkpointer.directory} "
-              "is untouched" if latest is not None else "no checkpoint had been saved yet")
-      raise NonFiniteLossError(
-          f"loss became {value} at step {step}; training stopped and {kept}. "
-          "Lower the learning rate, enable label smoothing or check the inputs.")
-
   def _final_metrics(self, main: bool) -> dict[str, Any]:
     ev = self.evaluate()
     result = {"step": self.step, "dims": list(self.dims), "head": self.config.head,
               "eval": {k: np.asarray(v).tolist() for k, v in ev.items()}}
-    if main:
-      with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return write_final_metrics(self.workdir, result) if main else result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
