@@ -42,13 +42,27 @@ class BundleError(ValueError):
 
 
 def preprocessing_info(config_dict: dict) -> dict[str, Any]:
-  """How the training pipeline turned stored examples into model inputs.
+  """How the training pipeline turned stored uint8 pixels into model inputs.
 
-  ``mrl_jax.data.pipeline`` casts uint8 images to float32 and divides by 255;
-  :meth:`mrl_jax.inference.Encoder.preprocess` applies the same rule.
+  Every style of :mod:`mrl_jax.data.images` is ``x * scale + offset`` on the
+  pixel values: ``"scale"`` (the default) divides by 255; ``"imagenet"`` and
+  ``"cifar"`` compute ``(x / 255 - mean) / std`` per channel, i.e.
+  ``scale = 1 / (255 * std)`` and ``offset = -mean / std`` (one entry per
+  channel). :meth:`mrl_jax.inference.Encoder.preprocess` applies the rule; for
+  ``"imagenet"`` it expects images already resized to ``eval_resize`` (shorter
+  side) and centre-cropped to ``eval_crop``, as the eval pipeline does.
   """
-  del config_dict  # one rule for every data set the pipeline serves today
-  return {"kind": "rescale", "from_dtype": "uint8", "scale": 1.0 / 255.0, "offset": 0.0}
+  spec = config_dict.get("input") or {}
+  if spec.get("style", "scale") == "scale":
+    return {"kind": "rescale", "from_dtype": "uint8", "scale": 1.0 / 255.0, "offset": 0.0}
+  mean, std = [float(m) for m in spec["mean"]], [float(s) for s in spec["std"]]
+  rule = {"kind": "normalize", "from_dtype": "uint8",
+          "scale": [1.0 / (255.0 * s) for s in std],
+          "offset": [-m / s for m, s in zip(mean, std, strict=True)]}
+  if spec["style"] == "imagenet":
+    rule["eval_resize"] = int(round(spec["image_size"] / spec["crop_ratio"]))
+    rule["eval_crop"] = int(spec["image_size"])
+  return rule
 
 
 def abstract_variables(encoder: Any, input_shape: tuple[int, ...], sharding: Any = None) -> dict:

@@ -152,9 +152,15 @@ class Encoder:
     return int(dim)
 
   def preprocess(self, raw: np.ndarray) -> np.ndarray:
-    """Stored examples (e.g. uint8 images ``[B, H, W, C]``) -> float32 model inputs."""
+    """Stored examples (e.g. uint8 images ``[B, H, W, C]``) -> float32 model inputs.
+
+    Applies the bundle's ``x * scale + offset`` (scalars, or one entry per
+    channel; see :func:`mrl_jax.export.preprocessing_info`).
+    """
     rule = self.preprocessing
-    return np.asarray(raw, np.float32) * np.float32(rule["scale"]) + np.float32(rule["offset"])
+    scale = np.asarray(rule["scale"], np.float32)
+    offset = np.asarray(rule["offset"], np.float32)
+    return np.asarray(raw, np.float32) * scale + offset
 
   def embed(self, x: np.ndarray, dim: int | None = None, *, normalize: bool = True,
             quantize: str | None = None, allow_any_dim: bool = False) -> np.ndarray:
@@ -276,9 +282,14 @@ def _validate_metadata(m: Any, file: str) -> None:
       isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
     fail(f"input.shape {shape!r} must be a list of positive ints")
   pre = m.get("preprocessing")
-  if not isinstance(pre, dict) or not all(
-      isinstance(pre.get(k), (int, float)) for k in ("scale", "offset")):
-    fail(f"preprocessing {pre!r} needs numeric scale and offset")
+  if not isinstance(pre, dict) or not all(_is_number_or_numbers(pre.get(k))
+                                          for k in ("scale", "offset")):
+    fail(f"preprocessing {pre!r} needs numeric scale and offset (numbers or per-channel lists)")
+
+
+def _is_number_or_numbers(x: Any) -> bool:
+  is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  return is_number(x) or (isinstance(x, list) and bool(x) and all(map(is_number, x)))
 
 
 def _read_variables(path: str, abstract: dict, encoder_config: dict) -> dict:

@@ -154,3 +154,21 @@ def test_bundles_that_do_not_match_their_config_or_miss_files_fail_clearly(train
   shutil.rmtree(os.path.join(bundle, "variables"))
   with pytest.raises(BundleError, match=r"arrays folder .*variables is missing"):
     Encoder.load(bundle)
+
+
+def test_bundle_preprocessing_matches_each_image_pipeline_style():
+  import tensorflow as tf
+
+  from mrl_jax.data import images
+
+  raw = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 3)).astype(np.uint8)
+  spec = {"style": "imagenet", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3],
+          "image_size": 224, "crop_ratio": 224 / 256}
+  rule = export.preprocessing_info({"input": spec})
+  assert rule["eval_resize"] == 256 and rule["eval_crop"] == 224
+  want = images.normalize(tf.constant(raw), spec["mean"], spec["std"]).numpy()
+  encoder = object.__new__(Encoder)  # only the preprocessing rule is needed
+  encoder.preprocessing = rule
+  np.testing.assert_allclose(encoder.preprocess(raw), want, rtol=1e-5, atol=1e-5)
+  encoder.preprocessing = export.preprocessing_info({})  # the digits ("scale") style
+  np.testing.assert_allclose(encoder.preprocess(raw), raw / 255.0, rtol=1e-6)
