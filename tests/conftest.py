@@ -4,9 +4,11 @@ Tests that need several devices start a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (see ``tests/subprocess_util.py``).
 """
 
+import contextlib
 import os
 import sys
 import tempfile
+from unittest import mock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -64,3 +66,35 @@ def fast_prng():
   jax.config.update("jax_default_prng_impl", "rbg")
   yield
   jax.config.update("jax_default_prng_impl", old)
+
+
+class _RealDataDir:
+  """Stands in for TFDS's ``MockFs`` inside ``mock_data``: creates files for real."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def add_file(self, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "a").close()
+
+
+@contextlib.contextmanager
+def mock_tfds(num_examples: int):
+  """``tfds.testing.mock_data`` for runs that also checkpoint.
+
+  While ``as_dataset`` runs, ``mock_data`` patches ``etils.epath`` for the whole
+  process (``MockFs``) only so that the ``data_dir`` looks present. Orbax's
+  background threads (tmp-directory cleanup, async commits) use the same
+  ``epath`` and then see rerouted paths. Creating ``data_dir`` for real instead
+  keeps the fake examples and leaves the file system alone.
+  """
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.testing import test_utils
+
+  with mock.patch.object(test_utils, "MockFs", _RealDataDir), \
+       tfds.testing.mock_data(num_examples=num_examples):
+    yield

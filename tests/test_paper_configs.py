@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+from conftest import mock_tfds
 
 from configs import cifar10_resnet18, imagenet_resnet50, imagenet_vit_b16
 from mrl_jax import config_lib, optim, train_lib
@@ -19,9 +19,6 @@ def _shrink(config, data_dir: str, **encoder):
   config.num_train_steps = 2
   config.shuffle_buffer = 8
   config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
-  # tfds.testing.mock_data reroutes file paths while it is active, which races with
-  # Orbax's background commit; async saves are tested without mock_data elsewhere.
-  config.async_checkpointing = False
   config.encoder.update(encoder)
   if config.input.style == "imagenet":
     config.input.image_size = 32
@@ -33,7 +30,7 @@ def _shrink(config, data_dir: str, **encoder):
 
 
 def _run(config, workdir: str):
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+  with mock_tfds(MOCK_EXAMPLES):  # mock examples, real file system (see conftest)
     experiment = train_lib.Experiment(config, workdir)
     return experiment, experiment.train(progress=False)
 
