@@ -1,23 +1,33 @@
-"""Train any config: ``python train.py --config=configs/NAME.py --workdir=DIR``.
+"""Train any task: ``python train.py --config=configs/NAME.py --workdir=DIR``.
 
-Resumes from the latest checkpoint in ``DIR`` when there is one, and writes an
-inference bundle to ``DIR/encoder`` at the end (see ``mrl_jax.inference``).
-Override fields with ``--config.FIELD=VALUE`` (e.g. ``--config.head=mrl_e``).
+``config.task`` picks the task (``classification``, ``pairs``, ``adaptor``, or
+your own, see ``mrl_jax.tasks``); every task runs through the one loop of
+``mrl_jax.train_lib``. Resumes from the latest checkpoint in ``DIR`` when there
+is one, and exports the encoder to ``DIR/encoder`` at the end (load it with
+``mrl_jax.inference.Encoder.load``).
+
+Override any config field with ``--config.FIELD=VALUE`` (e.g.
+``--config.head=mrl_e``, ``--config.nesting.dims='(64, 32, 16)'``); the fields
+and their meaning are in the config file itself and in
+``mrl_jax.config_lib.base_config`` (the fields every task shares).
 
 Multi-host (TPU pod slices, Slurm, MPI): run the same command on every host
 with ``--distributed``; elsewhere also pass ``--coordinator_address``,
 ``--num_processes`` and ``--process_id``. A ``SIGTERM`` (preemption notice)
 writes a checkpoint and exits with status 143; rerun the command to resume.
+A user error (bad config, bad file, refused checkpoint) ends with one line on
+stderr and exit status 2; ``--debug`` shows the traceback.
 """
 
-import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mrl_jax import export, train_lib
+from mrl_jax import train_lib
+from mrl_jax.checkpoints import CheckpointError
+from mrl_jax.export import BundleError
 from mrl_jax.preemption import Preempted
 
 FLAGS = flags.FLAGS
@@ -30,11 +40,16 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with -
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
 flags.DEFINE_string("export_dir", None,
-                    "Where to write the inference bundle at the end (default: WORKDIR/encoder; "
-                    "'' to skip). With config.best_metric the best step is exported.")
+                    "Where to write the encoder at the end (default: WORKDIR/encoder; '' to "
+                    "skip). With config.best_metric the best step is exported.")
+flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 PREEMPTED_EXIT_CODE = 128 + 15  # as if ended by SIGTERM
+USER_ERROR_EXIT_CODE = 2
+# What a user can cause and fix: shown as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               PermissionError, CheckpointError, BundleError, train_lib.NonFiniteLossError)
 
 
 def main(argv):
@@ -44,29 +59,26 @@ def main(argv):
   if FLAGS.distributed:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no-op elsewhere
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if FLAGS.config.get("task") == "pairs":  # text embedding training (configs/text_pairs.py)
-    from mrl_jax import text_train_lib
-    result = text_train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    print(text_train_lib.format_result(result))
-    return
-  experiment = train_lib.Experiment(FLAGS.config, FLAGS.workdir)
   try:
-    result = experiment.train()
+    experiment = train_lib.Experiment(FLAGS.config, FLAGS.workdir)
+    try:
+      result = experiment.train()
+      if FLAGS.export_dir != "":
+        result["export_dir"] = experiment.export(FLAGS.export_dir)
+    finally:
+      experiment.close()
   except Preempted as e:
     logging.warning("%s", e)
     sys.exit(PREEMPTED_EXIT_CODE)
-  main_process = jax.process_index() == 0
-  if main_process:
-    print("final eval top-1 per dim: " + ", ".join(
-        f"{m}: {100 * a:.2f}%"
-        for m, a in zip(result["dims"], result["eval"]["top1_per_dim"], strict=True)))
-  export_dir = os.path.join(FLAGS.workdir, "encoder") if FLAGS.export_dir is None \
-      else FLAGS.export_dir
-  if export_dir:
-    step = experiment.checkpointer.best_step()
-    export.export_encoder(FLAGS.workdir, export_dir, step=step, overwrite=True)
-    if main_process:
-      print(f"exported the encoder of step {step} to {export_dir}")
+  except USER_ERRORS as e:
+    if FLAGS.debug:
+      raise
+    print(f"train.py: error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_CODE)
+  if jax.process_index() == 0:
+    print(experiment.task.describe(result))
+    if result.get("export_dir"):
+      print(f"exported the encoder to {result['export_dir']}")
 
 
 if __name__ == "__main__":

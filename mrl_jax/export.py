@@ -1,189 +1,270 @@
-"""Write an inference bundle: the encoder's arrays plus JSON metadata, nothing else.
+"""The ONE exported artifact: a Hugging Face-style folder of safetensors + JSON, never a pickle.
 
-A bundle is a folder::
+Every task exports its encoder at the end of training to ``WORKDIR/encoder``;
+:class:`mrl_jax.inference.Encoder` loads any of them. The folder holds:
 
-  out_dir/
-    encoder.json   format and version, the encoder's config, the trained nesting
-                   dims, embed_dim, input shape and preprocessing, provenance
-    variables/     Orbax arrays {"params": ..., "batch_stats": ...} of the encoder
-                   only: no classifier heads, no optimizer state
+  config.json         the model config. Text: the Hugging Face BERT config, so the
+                      folder IS a sentence-transformers model (with modules.json,
+                      1_Pooling/, tokenizer files ...). Images and adaptors:
+                      mrl_jax's encoder config. Both carry ``is_matryoshka`` and
+                      ``matryoshka_dimensions``, the names serving engines read.
+  model.safetensors   the arrays (Hugging Face tensor names for BERT)
+  mrl_jax.json        mrl_jax's metadata: format, modality, nesting dims and
+                      weights, training config and step, and the SHA-256 of
+                      every data file (checked on load: a changed byte is refused)
 
-Nothing in it is pickled, so loading an untrusted bundle runs no code; the
-config in ``encoder.json`` is data that :class:`mrl_jax.inference.Encoder`
-validates, and the arrays must match the shapes it implies.
+Loading an untrusted bundle runs no code: safetensors holds raw arrays and
+the configs are data, validated on load. Writes go to a temporary folder
+beside the target and are swapped in atomically (:func:`write_atomically`),
+so an interrupted export never leaves a partial bundle and the previous one
+stays complete until the new one is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 import mrl_jax
-from mrl_jax import config_lib, models
-from mrl_jax.checkpoints import Checkpointer
 
 FORMAT = "mrl_jax.encoder"
-FORMAT_VERSION = 1
-METADATA_FILE = "encoder.json"
-VARIABLES_DIR = "variables"
+FORMAT_VERSION = 2
+METADATA_FILE = "mrl_jax.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODALITIES = ("image", "text", "embedding")
 
 
 class BundleError(ValueError):
-  """An inference bundle that cannot be used: missing files, bad metadata, wrong arrays."""
+  """An exported bundle that cannot be used: missing files, bad metadata, changed bytes."""
 
 
-def preprocessing_info(config_dict: dict) -> dict[str, Any]:
-  """How the training pipeline turned stored uint8 pixels into model inputs.
-
-  Every style of :mod:`mrl_jax.data.images` is ``x * scale + offset`` on the
-  pixel values: ``"scale"`` (the default) divides by 255; ``"imagenet"`` and
-  ``"cifar"`` compute ``(x / 255 - mean) / std`` per channel, i.e.
-  ``scale = 1 / (255 * std)`` and ``offset = -mean / std`` (one entry per
-  channel). :meth:`mrl_jax.inference.Encoder.preprocess` applies the rule; for
-  ``"imagenet"`` it expects images already resized to ``eval_resize`` (shorter
-  side) and centre-cropped to ``eval_crop``, as the eval pipeline does.
-  """
-  spec = config_dict.get("input") or {}
-  if spec.get("style", "scale") == "scale":
-    return {"kind": "rescale", "from_dtype": "uint8", "scale": 1.0 / 255.0, "offset": 0.0}
-  mean, std = [float(m) for m in spec["mean"]], [float(s) for s in spec["std"]]
-  rule = {"kind": "normalize", "from_dtype": "uint8",
-          "scale": [1.0 / (255.0 * s) for s in std],
-          "offset": [-m / s for m, s in zip(mean, std, strict=True)]}
-  if spec["style"] == "imagenet":
-    rule["eval_resize"] = int(round(spec["image_size"] / spec["crop_ratio"]))
-    rule["eval_crop"] = int(spec["image_size"])
-  return rule
-
-
-def abstract_variables(encoder: Any, input_shape: tuple[int, ...], sharding: Any = None) -> dict:
-  """``jax.ShapeDtypeStruct`` tree of ``encoder``'s variables for inputs ``[B, *input_shape]``.
-
-  Only non-empty collections are kept (an MLP has ``params`` and no
-  ``batch_stats``).
-  """
-  shapes = jax.eval_shape(lambda: encoder.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, *input_shape), jnp.float32), train=False))
-  return {name: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-      for name, tree in shapes.items() if jax.tree.leaves(tree)}
-
-
-def bundle_metadata(config_dict: dict, input_shape: tuple[int, ...],
-                    step: int | None) -> dict[str, Any]:
-  """The JSON written to ``encoder.json`` for a (validated, JSON-rendered) training config."""
-  config = ml_collections.ConfigDict(config_dict)
-  dims = [int(m) for m in config_lib.eval_dims(config)]
-  return {
-      "format": FORMAT,
-      "format_version": FORMAT_VERSION,
-      "mrl_jax_version": mrl_jax.__version__,
-      "encoder": dict(config_dict["encoder"]),
-      "half_precision": bool(config_dict.get("half_precision", False)),
-      "embed_dim": int(config_dict["encoder"]["embed_dim"]),
-      # The names serving engines read to allow truncation.
-      "is_matryoshka": config_dict["head"] != "ff",
-      "matryoshka_dimensions": dims,
-      "input": {"shape": [int(n) for n in input_shape], "dtype": "float32"},
-      "preprocessing": preprocessing_info(config_dict),
-      "source": {"step": step, "dataset": config_dict.get("dataset"),
-                 "head": config_dict["head"], "training_config": config_dict},
-  }
-
-
-def export_encoder(source: str | Any, out_dir: str, *,
-                   config: ml_collections.ConfigDict | None = None,
-                   input_shape: tuple[int, ...] | None = None, step: int | None = None,
-                   overwrite: bool = False) -> str:
-  """Write the encoder of a training run as an inference bundle in ``out_dir``.
-
-  Call it on every process of a multi-host job (Orbax and the gathers are
-  collective); process 0 writes the JSON.
-
-  Args:
-    source: a training workdir (its ``checkpoints/`` are read: only the
-      encoder arrays of ``step``, default the latest), or a
-      :class:`mrl_jax.train_lib.TrainState` (then pass ``config`` and
-      ``input_shape``).
-    out_dir: the bundle folder.
-    config: the (validated) training config, for a ``TrainState`` source.
-    input_shape: one example's shape, e.g. ``(8, 8, 1)``, for a ``TrainState``.
-    step: which checkpoint of a workdir to export (default: the latest).
-    overwrite: replace an existing bundle in ``out_dir``.
-
-  Returns:
-    ``out_dir``.
-
-  Raises:
-    FileNotFoundError: the workdir has no checkpoint.
-    FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-  """
-  if isinstance(source, str):
-    variables, config_dict, input_shape, step = _from_workdir(source, step)
-  else:
-    if config is None or input_shape is None:
-      raise ValueError("export_encoder(state, ...) needs config= and input_shape=")
-    config_dict = json.loads(config_lib.to_json(config))
-    step = int(jax.device_get(source.step))
-    variables = {"params": source.params["encoder"],
-                 "batch_stats": source.batch_stats.get("encoder", {})}
-    variables = {k: v for k, v in variables.items() if jax.tree.leaves(v)}
-  variables = jax.tree.map(_to_numpy, variables)
-  _write_bundle(out_dir, variables, bundle_metadata(config_dict, tuple(input_shape), step),
-                overwrite=overwrite)
-  return out_dir
-
-
-def _from_workdir(workdir: str, step: int | None) -> tuple[dict, dict, tuple[int, ...], int]:
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints to export in {workdir} ({directory} is missing)")
-  checkpointer = Checkpointer(directory, read_only=True)
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint to export in {directory}")
-    stored = checkpointer.read_metadata(step)
-    config_dict, input_shape = stored["config"], tuple(stored["image_shape"])
-    encoder = models.build_encoder(config_dict["encoder"], config_dict.get("half_precision"))
-    abstract = abstract_variables(encoder, input_shape,
-                                  jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    restored = checkpointer.restore_subtree(
-        step, {name: {"encoder": tree} for name, tree in abstract.items()})
-  finally:
-    checkpointer.close()
-  return ({name: tree["encoder"] for name, tree in restored.items()}, config_dict, input_shape,
-          step)
-
-
-def _to_numpy(x: jax.Array) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # split over hosts (FSDP)
+def to_numpy(x: Any) -> np.ndarray:
+  """A (possibly multi-host, FSDP-split) array as one host numpy array (a collective)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 
-def _write_bundle(out_dir: str, variables: dict, metadata: dict, *, overwrite: bool) -> None:
+def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
+  """Run ``write(tmp_dir)`` into a fresh folder beside ``out_dir``, then swap it into place.
+
+  Process 0 writes; the others wait. The previous ``out_dir`` (if any) is
+  renamed aside, the new folder renamed to ``out_dir``, and only then is the
+  old one deleted: at every moment ``out_dir`` or its ``.old-*`` twin is a
+  complete bundle (the POSIX ``rename`` is atomic; Orbax commits checkpoints
+  the same way). Leftovers of an interrupted swap are cleaned by the next one.
+
+  Returns:
+    ``out_dir``.
+  """
   out_dir = os.path.abspath(out_dir)
-  main = jax.process_index() == 0
-  if os.path.exists(out_dir):
-    if not overwrite:
-      raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace the bundle there")
-    if main:
-      shutil.rmtree(out_dir)
-  multihost_utils.sync_global_devices(f"mrl_jax export: cleared {out_dir}")
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(out_dir, VARIABLES_DIR), variables)
-    checkpointer.wait_until_finished()
-  if main:
-    with open(os.path.join(out_dir, METADATA_FILE), "w") as f:
-      json.dump(metadata, f, indent=1, sort_keys=True)
+  parent, base = os.path.split(out_dir)
+  if jax.process_index() == 0:
+    os.makedirs(parent, exist_ok=True)
+    _recover_interrupted_swap(parent, base)
+    tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+      write(tmp)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
+    if os.path.exists(out_dir):
+      os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
   multihost_utils.sync_global_devices(f"mrl_jax export: wrote {out_dir}")
+  return out_dir
+
+
+def _recover_interrupted_swap(parent: str, base: str) -> None:
+  """Put back an ``.old-*`` bundle if a swap died between its two renames; drop temporaries."""
+  for name in sorted(os.listdir(parent)):
+    path = os.path.join(parent, name)
+    if name.startswith(f".{base}.tmp-"):
+      shutil.rmtree(path, ignore_errors=True)
+    elif name.startswith(f".{base}.old-"):
+      if not os.path.exists(os.path.join(parent, base)):
+        os.rename(path, os.path.join(parent, base))
+      else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  """``{"a": {"b": x}} -> {"a.b": x}`` (safetensors holds a flat name -> array map)."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, name + "."))
+    else:
+      flat[name] = np.ascontiguousarray(np.asarray(value))
+  return flat
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """The inverse of :func:`flatten`."""
+  tree: dict[str, Any] = {}
+  for name, value in flat.items():
+    *scopes, leaf = name.split(".")
+    node = tree
+    for scope in scopes:
+      node = node.setdefault(scope, {})
+    node[leaf] = value
+  return tree
+
+
+def sha256_file(path: str) -> str:
+  """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_json(path: str, payload: Any) -> None:
+  """Indented, key-sorted UTF-8 JSON."""
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def write_metadata(out_dir: str, *, modality: str, dims: list[int], weights: list[float],
+                   is_matryoshka: bool, step: int | None, task: str,
+                   training_config: dict | None, extra: dict | None = None) -> dict:
+  """Write ``mrl_jax.json`` LAST, with the SHA-256 of every other file of the bundle.
+
+  Returns:
+    The metadata written.
+  """
+  if modality not in MODALITIES:
+    raise ValueError(f"modality={modality!r}; choose one of {MODALITIES}")
+  files = {}
+  for root, _, names in os.walk(out_dir):
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      files[os.path.relpath(path, out_dir)] = sha256_file(path)
+  metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
+              "mrl_jax_version": mrl_jax.__version__, "modality": modality, "task": task,
+              "is_matryoshka": bool(is_matryoshka),
+              "matryoshka_dimensions": [int(m) for m in dims],
+              "matryoshka_weights": [float(w) for w in weights],
+              "step": step, "training_config": training_config, "sha256": files,
+              **(extra or {})}
+  write_json(os.path.join(out_dir, METADATA_FILE), metadata)
+  return metadata
+
+
+def read_json(path: str, what: str = "bundle file") -> Any:
+  """A JSON file, or :class:`BundleError` naming it (missing, not UTF-8, not JSON)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise BundleError(f"{what} {path} is missing") from None
+  except UnicodeDecodeError as e:
+    raise BundleError(f"{what} {path} is not UTF-8 text: {e}") from None
+  except json.JSONDecodeError as e:
+    raise BundleError(f"{what} {path} is not valid JSON: {e}") from None
+  except OSError as e:
+    raise BundleError(f"{what} {path} cannot be read: {e}") from None
+
+
+def read_metadata(path: str, *, verify: bool = True) -> dict[str, Any]:
+  """``mrl_jax.json`` of a bundle, its format checked and (``verify``) every file's hash.
+
+  Raises:
+    BundleError: naming the file: missing, unreadable, another format, or a
+      file whose bytes differ from those written (corruption or tampering).
+  """
+  file = os.path.join(path, METADATA_FILE)
+  if not os.path.isdir(path):
+    raise BundleError(f"no exported encoder at {path} (not a folder)")
+  meta = read_json(file, "bundle metadata")
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise BundleError(f"bundle metadata {file}: not an mrl_jax bundle (format is not {FORMAT!r})")
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise BundleError(f"bundle metadata {file}: format_version {meta.get('format_version')!r}; "
+                      f"this mrl_jax reads {FORMAT_VERSION} (re-export with this version)")
+  if meta.get("modality") not in MODALITIES:
+    raise BundleError(f"bundle metadata {file}: modality {meta.get('modality')!r} is not one "
+                      f"of {MODALITIES}")
+  hashes = meta.get("sha256")
+  if not isinstance(hashes, dict) or WEIGHTS_FILE not in hashes:
+    raise BundleError(f"bundle metadata {file}: no sha256 entry for {WEIGHTS_FILE}")
+  if verify:
+    for name, want in hashes.items():
+      target = os.path.join(path, name)
+      if os.path.normpath(name).startswith("..") or os.path.isabs(name):
+        raise BundleError(f"bundle metadata {file}: file name {name!r} leaves the bundle")
+      if not os.path.isfile(target):
+        raise BundleError(f"bundle {path}: {name} is missing")
+      if sha256_file(target) != want:
+        raise BundleError(f"bundle {path}: the bytes of {name} changed since export "
+                          "(SHA-256 mismatch): corrupt or tampered; re-export it")
+  return meta
+
+
+def save_weights(out_dir: str, tree: Mapping[str, Any]) -> None:
+  """``model.safetensors`` of a nested dict of arrays (names joined with ``.``)."""
+  from safetensors.numpy import save_file
+
+  save_file(flatten(tree), os.path.join(out_dir, WEIGHTS_FILE))
+
+
+def load_weights(path: str) -> dict[str, np.ndarray]:
+  """The flat name -> array map of a bundle's ``model.safetensors`` (no code runs)."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  file = os.path.join(path, WEIGHTS_FILE)
+  try:
+    return load_file(file)
+  except (SafetensorError, OSError) as e:
+    raise BundleError(f"bundle {path}: cannot read {file}: {e}") from None
+
+
+def check_tree(stored: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+  """Raise :class:`BundleError` listing missing/unexpected arrays and shape mismatches."""
+  flat = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
+                       for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = flat(stored), flat(expected)
+  problems = [f"{k}: missing (expected shape {want[k]})" for k in want if k not in have]
+  problems += [f"{k}: unexpected array of shape {have[k]}" for k in have if k not in want]
+  problems += [f"{k}: shape {have[k]}, expected {want[k]}"
+               for k in want if k in have and have[k] != want[k]]
+  if problems:
+    raise BundleError(f"{where}: the arrays do not match the model config: "
+                      + "; ".join(problems[:5]))
+
+
+def export_encoder(workdir: str, out_dir: str | None = None, *, step: int | None = None) -> str:
+  """Export the encoder of a training workdir (any task) to ``out_dir`` (default ``encoder/``).
+
+  Rebuilds the run from ``workdir/config.json`` and its checkpoints (no
+  training), then :meth:`mrl_jax.train_lib.Experiment.export`: the best step
+  when the run kept one by ``best_metric``, else the latest (or ``step``).
+
+  Raises:
+    FileNotFoundError: ``workdir`` has no ``config.json`` or no checkpoint.
+  """
+  from mrl_jax import train_lib
+  from mrl_jax.evaluate.workdir import load_workdir_config
+
+  experiment = train_lib.Experiment(load_workdir_config(workdir), workdir)
+  try:
+    return experiment.export(out_dir, step=step)
+  finally:
+    experiment.close()

@@ -12,11 +12,13 @@ that ordinary jitted code needs no sharding annotations.
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -108,3 +110,25 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
       lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, fsdp_min_size)),
       abstract_state)
 
+
+
+def as_global(batch: Any, sharding: Any) -> Any:
+  """A pytree of per-process numpy arrays -> global ``jax.Array`` s sharded by ``sharding``."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def prefetch_to_device(batches: Iterator[Any], to_global: Callable[[Any], Any],
+                       size: int = 2) -> Iterator[Any]:
+  """Yield ``to_global(batch)`` with ``size`` batches already sent to the devices.
+
+  The transfers are asynchronous, so the next batches travel while the
+  current step computes.
+  """
+  queue: collections.deque = collections.deque()
+  for batch in batches:
+    queue.append(to_global(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

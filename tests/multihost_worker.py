@@ -56,7 +56,7 @@ def train_on_fixed_batches(data_dir: str) -> dict:
       optim.make_optimizer(config, schedule), (8, 8, 1), mesh, config.fsdp_min_size)
   step_fn = train_lib.jit_train_step(config, schedule, mesh,
                                      jax.tree.map(lambda x: x.sharding, state))
-  to_global = functools.partial(pipeline.as_global, sharding=sharding.batch_sharding(mesh))
+  to_global = functools.partial(sharding.as_global, sharding=sharding.batch_sharding(mesh))
   rows = config.batch_size // jax.process_count()
   mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
   rng = np.random.default_rng(0)

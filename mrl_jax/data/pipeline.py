@@ -11,7 +11,6 @@ batch is padded, never dropped, and no example is counted twice.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -171,25 +170,3 @@ def _local_batch_size(batch_size: int) -> int:
     raise ValueError(
         f"batch_size={batch_size} does not divide over {jax.process_count()} processes")
   return batch_size // jax.process_count()
-
-
-def prefetch_to_device(batches: Iterator[dict], to_global: Callable[[dict], Any],
-                       size: int = 2) -> Iterator[Any]:
-  """Yield ``to_global(batch)`` with ``size`` batches already sent to the devices.
-
-  The transfers are asynchronous, so the next batches travel while the
-  current step computes.
-  """
-  queue: collections.deque = collections.deque()
-  for batch in batches:
-    queue.append(to_global(batch))
-    if len(queue) > size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
-
-
-def as_global(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, jax.Array]:
-  """Per-process numpy batch -> global ``jax.Array`` batch sharded by ``sharding``."""
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
