@@ -27,7 +27,7 @@ from typing import Any
 
 import ml_collections
 
-from mrl_jax import config_lib, export, probe, train_lib
+from mrl_jax import config_lib, probe, train_lib
 from mrl_jax.evaluate import plots
 from mrl_jax.evaluate.report import format_table as format_evaluation
 from mrl_jax.evaluate.workdir import evaluate_workdir
@@ -54,13 +54,15 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, progress: bool 
   for head in ("mrl", "mrl_e"):
     _say(progress, f"== training {head} (nested dims {dims})")
     result = train_lib.train_and_evaluate(_variant(config, head=head),
-                                          os.path.join(workdir, head), progress=progress)
+                                          os.path.join(workdir, head), progress=progress,
+                                          export_dir=None if head == "mrl" else "")
     top1[head] = result["eval"]["top1_per_dim"]
   top1["ff"] = []
   for k in dims:
     _say(progress, f"== training FF-{k}")
     result = train_lib.train_and_evaluate(_variant(config, head="ff", ff_dim=k),
-                                          os.path.join(workdir, f"ff_{k}"), progress=progress)
+                                          os.path.join(workdir, f"ff_{k}"), progress=progress,
+                                          export_dir="")
     top1["ff"].append(result["eval"]["top1_per_dim"][0])
   _say(progress, f"== linear probes on the ordinary (FF-{dims[-1]}) model's truncated embedding")
   top1["truncated"] = _truncated_row(_variant(config, head="ff", ff_dim=dims[-1]),
@@ -72,8 +74,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, progress: bool 
   plot_results(results, os.path.join(workdir, "results.png"))
   if evaluate:
     mrl_dir = os.path.join(workdir, "mrl")
-    _say(progress, "== exporting the MRL encoder and evaluating its nested embedding")
-    export.export_encoder(mrl_dir, os.path.join(mrl_dir, "encoder"), overwrite=True)
+    _say(progress, "== evaluating the exported MRL encoder's nested embedding")
     results = {**results, "evaluation": evaluate_workdir(mrl_dir)}
   return results
 
@@ -81,10 +82,14 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, progress: bool 
 def _truncated_row(config: ml_collections.ConfigDict, workdir: str,
                    dims: Sequence[int]) -> list[float]:
   experiment = train_lib.Experiment(config, workdir)  # restores the trained model
-  train = experiment.predict(config.train_split)
-  test = experiment.predict(config.eval_split)
+  try:
+    task, variables = experiment.task, experiment.state.variables
+    train = task.predict(variables, config.train_split)
+    test = task.predict(variables, config.eval_split)
+  finally:
+    experiment.close()
   return probe.truncated_probe_accuracy(train["embedding"], train["label"], test["embedding"],
-                                        test["label"], dims, experiment.spec.num_classes)
+                                        test["label"], dims, task.spec.num_classes)
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Serve truncated Matryoshka embeddings from an exported bundle.
+"""Serve truncated Matryoshka embeddings from any exported bundle (images, text, adaptors).
 
 ::
 
@@ -6,228 +6,39 @@
   z = encoder.embed(x, dim=16)                     # [B, 16] float32, unit norm
   q = encoder.embed(x, dim=16, quantize="int8")    # [B, 16] int8
   b = encoder.embed(x, dim=16, quantize="binary")  # [B, 2] uint8, packed sign bits
+  t = text_encoder.embed(["a query", "a doc"], dim=64)   # text bundles take strings
 
-Each call runs one jitted forward of the encoder, truncates the embedding to
-``dim`` and THEN L2-normalises it (normalising first and truncating after
-gives vectors that are not unit length: the most reported bug of serving
-stacks). Batches of any size are padded to one of a few fixed sizes, so the
-number of compiled programs does not grow with the number of batch sizes seen.
+Each call runs one jitted forward, truncates the embedding to ``dim`` and THEN
+L2-normalises it (:func:`mrl_jax.ops.truncate_normalize`). Batches of any size
+are padded to one of a few fixed sizes (and texts to a few lengths), so the
+number of compiled programs does not grow with the inputs seen. A text bundle
+is a sentence-transformers folder: ``SentenceTransformer(path, truncate_dim=m)``
+gives the same embeddings as ``Encoder.load(path).embed(texts, dim=m)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from mrl_jax import models
-from mrl_jax.export import (
-    FORMAT,
-    FORMAT_VERSION,
-    METADATA_FILE,
-    VARIABLES_DIR,
-    BundleError,
-    abstract_variables,
-)
+from mrl_jax import export as export_lib
+from mrl_jax import ops
+from mrl_jax.export import BundleError
 from mrl_jax.nesting import Nesting
 
 # Padded batch sizes: a batch of n rows runs in chunks of the largest size, the
 # last chunk padded up to the smallest size that holds it.
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
-QUANTIZATIONS = (None, "int8", "binary")
-_EPS = 1e-12
-
-
-def embed_fn(model: nn.Module, variables: dict, x: jax.Array, *, dim: int, normalize: bool,
-             quantize: str | None) -> jax.Array:
-  """``x [B, ...] -> [B, dim]``: encode, truncate to ``dim``, then L2-normalise and quantise.
-
-  Args:
-    model: the encoder, ``x -> z [B, D]``.
-    variables: its ``{"params": ..., "batch_stats": ...}``.
-    dim: prefix size ``m <= D``.
-    normalize: divide each truncated row by its L2 norm.
-    quantize: ``None`` (float32 ``[B, m]``), ``"int8"`` (``round(127 * z)``,
-      int8 ``[B, m]``; needs ``normalize``) or ``"binary"`` (the sign bits
-      ``z > 0`` packed big-endian into uint8 ``[B, ceil(m / 8)]``, as
-      ``np.packbits``).
-  """
-  z = model.apply(variables, x, train=False).astype(jnp.float32)[:, :dim]
-  if normalize:
-    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), _EPS)
-  if quantize == "int8":
-    return jnp.clip(jnp.round(z * 127.0), -127, 127).astype(jnp.int8)
-  if quantize == "binary":
-    return jnp.packbits(z > 0, axis=-1)
-  return z
-
-
-class Encoder:
-  """A loaded bundle: ``embed(x, dim)`` for every trained nesting dim.
-
-  Build it with :meth:`load`. Attributes: ``dims`` (the trained nesting dims),
-  ``embed_dim`` (``D``), ``input_shape`` (one example), ``preprocessing`` and
-  ``metadata`` (the bundle's JSON).
-
-  Args:
-    model: the encoder module.
-    variables: its arrays.
-    metadata: the validated bundle metadata.
-    batch_sizes: the padded batch sizes that are compiled (increasing).
-  """
-
-  def __init__(self, model: nn.Module, variables: dict, metadata: dict[str, Any],
-               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES):
-    sizes = tuple(int(b) for b in batch_sizes)
-    if not sizes or any(b < 1 for b in sizes) or list(sizes) != sorted(set(sizes)):
-      raise ValueError(f"batch_sizes must be increasing positive ints, got {batch_sizes!r}")
-    self.model = model
-    self.variables = variables
-    self.metadata = metadata
-    self.batch_sizes = sizes
-    self.nesting = Nesting(tuple(metadata["matryoshka_dimensions"]),
-                           embed_dim=metadata["embed_dim"])
-    self.input_shape = tuple(metadata["input"]["shape"])
-    self.preprocessing = metadata["preprocessing"]
-    self._embed = jax.jit(functools.partial(embed_fn, model),
-                          static_argnames=("dim", "normalize", "quantize"))
-
-  @property
-  def dims(self) -> tuple[int, ...]:
-    return self.nesting.dims
-
-  @property
-  def embed_dim(self) -> int:
-    return int(self.nesting.embed_dim)
-
-  @classmethod
-  def load(cls, path: str, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> Encoder:
-    """Read a bundle written by :func:`mrl_jax.export.export_encoder`.
-
-    Raises:
-      BundleError: naming the path and the problem: missing files, metadata
-        that is not a valid bundle's, or arrays that do not match the model
-        config in the metadata.
-    """
-    path = os.path.abspath(path)
-    metadata = _read_metadata(path)
-    try:
-      model = models.build_encoder(metadata["encoder"], metadata["half_precision"])
-      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = abstract_variables(model, tuple(metadata["input"]["shape"]), sharding)
-    except (TypeError, ValueError) as e:
-      raise BundleError(f"bundle {path}: cannot build the encoder {metadata['encoder']}: "
-                        f"{e}") from e
-    return cls(model, _read_variables(path, abstract, metadata["encoder"]), metadata,
-               batch_sizes)
-
-  def check_dim(self, dim: int | None, allow_any_dim: bool = False) -> int:
-    """``dim`` (default: the largest trained dim) after checking it is servable.
-
-    Raises:
-      ValueError: listing the valid dims when ``dim`` is not a trained nesting
-        dim (or, with ``allow_any_dim``, not in ``1..embed_dim``).
-    """
-    if dim is None:
-      return self.dims[-1]
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-      raise ValueError(f"dim must be an int, got {dim!r}; valid dims: {list(self.dims)}")
-    if allow_any_dim:
-      if not 1 <= dim <= self.embed_dim:
-        raise ValueError(f"dim={dim} is outside 1..{self.embed_dim} (embed_dim)")
-      return int(dim)
-    try:
-      self.nesting.index(dim)
-    except ValueError as e:
-      raise ValueError(f"{e} (allow_any_dim=True truncates to any size up to "
-                       f"{self.embed_dim})") from None
-    return int(dim)
-
-  def preprocess(self, raw: np.ndarray) -> np.ndarray:
-    """Stored examples (e.g. uint8 images ``[B, H, W, C]``) -> float32 model inputs.
-
-    Applies the bundle's ``x * scale + offset`` (scalars, or one entry per
-    channel; see :func:`mrl_jax.export.preprocessing_info`).
-    """
-    rule = self.preprocessing
-    scale = np.asarray(rule["scale"], np.float32)
-    offset = np.asarray(rule["offset"], np.float32)
-    return np.asarray(raw, np.float32) * scale + offset
-
-  def embed(self, x: np.ndarray, dim: int | None = None, *, normalize: bool = True,
-            quantize: str | None = None, allow_any_dim: bool = False) -> np.ndarray:
-    """Embeddings of a batch, truncated to ``dim`` and then L2-normalised.
-
-    Args:
-      x: preprocessed inputs ``[B, *input_shape]`` (see :meth:`preprocess`);
-        any ``B``, including 0.
-      dim: a trained nesting dim (default: the largest); any size up to
-        ``embed_dim`` with ``allow_any_dim=True``.
-      normalize: L2-normalise each truncated row.
-      quantize: ``None``, ``"int8"`` or ``"binary"`` (see :func:`embed_fn`).
-
-    Returns:
-      ``[B, dim]`` float32 (or int8), or ``[B, ceil(dim / 8)]`` uint8 for
-      ``"binary"``.
-    """
-    dim = self.check_dim(dim, allow_any_dim)
-    self._check_options(normalize, quantize)
-    x = np.asarray(x, np.float32)
-    if x.shape[1:] != self.input_shape:
-      raise ValueError(f"inputs must have shape [B, {', '.join(map(str, self.input_shape))}], "
-                       f"got {x.shape}")
-    out = []
-    for start, size, padded in padded_chunks(len(x), self.batch_sizes):
-      chunk = x[start:start + size]
-      if padded > size:
-        chunk = np.concatenate([chunk, np.zeros((padded - size, *self.input_shape), np.float32)])
-      z = self._embed(self.variables, chunk, dim=dim, normalize=normalize, quantize=quantize)
-      out.append(np.asarray(z)[:size])
-    if not out:
-      width = -(-dim // 8) if quantize == "binary" else dim
-      dtype = {None: np.float32, "int8": np.int8, "binary": np.uint8}[quantize]
-      return np.zeros((0, width), dtype)
-    return np.concatenate(out)
-
-  def export(self, dim: int | None = None, *, normalize: bool = True,
-             quantize: str | None = None, allow_any_dim: bool = False,
-             platforms: Sequence[str] | None = None) -> jax.export.Exported:
-    """The embed function at one ``dim`` as serialisable StableHLO (``jax.export``).
-
-    The weights are baked in and the batch size is symbolic, so a serving
-    stack runs it without mrl_jax or Flax::
-
-      blob = encoder.export(dim=16).serialize()       # bytes, store anywhere
-      fn = jax.export.deserialize(blob)
-      z = fn.call(x)                                  # any batch size
-
-    Args:
-      platforms: lower for these (e.g. ``("cpu", "tpu", "cuda")``); default:
-        the current backend.
-    """
-    dim = self.check_dim(dim, allow_any_dim)
-    self._check_options(normalize, quantize)
-    fn = jax.jit(functools.partial(embed_fn, self.model, self.variables, dim=dim,
-                                   normalize=normalize, quantize=quantize))
-    (batch,) = jax.export.symbolic_shape("batch")
-    return jax.export.export(fn, platforms=platforms)(
-        jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32))
-
-  @staticmethod
-  def _check_options(normalize: bool, quantize: str | None) -> None:
-    if quantize not in QUANTIZATIONS:
-      raise ValueError(f"quantize={quantize!r}; choose one of {QUANTIZATIONS}")
-    if quantize == "int8" and not normalize:
-      raise ValueError("int8 quantisation maps [-1, 1] to [-127, 127] and needs unit-norm "
-                       "embeddings: use normalize=True")
+QUANTIZATIONS = ops.QUANTIZATIONS
+_MIN_TEXT_LENGTH = 16
 
 
 def padded_chunks(n: int, sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -243,84 +54,397 @@ def padded_chunks(n: int, sizes: Sequence[int]) -> list[tuple[int, int, int]]:
   return chunks
 
 
-def _read_metadata(path: str) -> dict[str, Any]:
-  file = os.path.join(path, METADATA_FILE)
-  try:
-    with open(file) as f:
-      metadata = json.load(f)
-  except FileNotFoundError:
-    raise BundleError(f"no encoder bundle at {path}: {METADATA_FILE} is missing") from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise BundleError(f"bundle metadata {file} is unreadable: {e}") from e
-  _validate_metadata(metadata, file)
-  return metadata
+def text_length_bucket(longest: int, max_length: int) -> int:
+  """The padded token length for a batch whose longest text has ``longest`` tokens.
+
+  The next power of two (at least 16), capped at ``max_length``: a handful of
+  compiled programs instead of one per length.
+  """
+  return min(max(_MIN_TEXT_LENGTH, 1 << max(longest - 1, 0).bit_length()), max_length)
 
 
-def _validate_metadata(m: Any, file: str) -> None:
-  """Check the JSON's structure and types (it is data from outside)."""
+class Encoder:
+  """A loaded bundle: ``embed(inputs, dim)`` at every trained nesting dim.
 
-  def fail(problem: str):
-    raise BundleError(f"bundle metadata {file}: {problem}")
+  Build it with :meth:`load`. Attributes: ``modality`` (``"image"``, ``"text"``
+  or ``"embedding"``), ``dims`` (the trained nesting dims), ``embed_dim``
+  (``D``), ``is_matryoshka``, ``metadata`` (``mrl_jax.json``), ``config``
+  (``config.json``).
 
-  if not isinstance(m, dict) or m.get("format") != FORMAT:
-    fail(f"not an mrl_jax encoder bundle (format is not {FORMAT!r})")
-  if m.get("format_version") != FORMAT_VERSION:
-    fail(f"format_version {m.get('format_version')!r}; this mrl_jax reads {FORMAT_VERSION}")
-  if not isinstance(m.get("encoder"), dict) or m["encoder"].get("name") not in models.ENCODERS:
-    fail(f"encoder {m.get('encoder')!r} must name one of {sorted(models.ENCODERS)}")
-  if not isinstance(m.get("half_precision"), bool):
-    fail(f"half_precision {m.get('half_precision')!r} is not a bool")
-  embed_dim = m.get("embed_dim")
-  if embed_dim != m["encoder"].get("embed_dim"):
-    fail(f"embed_dim {embed_dim!r} differs from the encoder's {m['encoder'].get('embed_dim')!r}")
-  try:
-    Nesting(tuple(m.get("matryoshka_dimensions") or ()), embed_dim=embed_dim)
-  except (TypeError, ValueError) as e:
-    fail(f"matryoshka_dimensions: {e}")
-  shape = (m.get("input") or {}).get("shape")
-  if not isinstance(shape, list) or not shape or not all(
-      isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
-    fail(f"input.shape {shape!r} must be a list of positive ints")
-  pre = m.get("preprocessing")
-  if not isinstance(pre, dict) or not all(_is_number_or_numbers(pre.get(k))
-                                          for k in ("scale", "offset")):
-    fail(f"preprocessing {pre!r} needs numeric scale and offset (numbers or per-channel lists)")
+  Args:
+    forward: ``(variables, inputs, layers) -> z [B, D]`` (pure, jittable).
+    variables: the arrays ``forward`` reads.
+    metadata: the validated ``mrl_jax.json``; config: the ``config.json``.
+    batch_sizes: the padded batch sizes that are compiled (increasing).
+  """
 
+  def __init__(self, forward: Callable, variables: Any, metadata: dict[str, Any],
+               config: dict[str, Any], *, embed_dim: int, tokenizer: Any = None,
+               num_layers: int | None = None, max_length: int | None = None,
+               heads: Callable | None = None,
+               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES):
+    sizes = tuple(int(b) for b in batch_sizes)
+    if not sizes or any(b < 1 for b in sizes) or list(sizes) != sorted(set(sizes)):
+      raise ValueError(f"batch_sizes must be increasing positive ints, got {batch_sizes!r}")
+    self.variables, self.metadata, self.config = variables, metadata, config
+    self.modality = metadata["modality"]
+    self.batch_sizes = sizes
+    self.tokenizer = tokenizer
+    self.num_layers = num_layers
+    self.max_length = max_length
+    self.nesting = Nesting(tuple(metadata["matryoshka_dimensions"]), embed_dim=embed_dim)
+    self.is_matryoshka = bool(metadata["is_matryoshka"])
+    self._forward = forward
+    self._heads = heads
+    self._embed = jax.jit(self._embed_fn, static_argnames=("dim", "normalize", "quantize",
+                                                             "layers"))
 
-def _is_number_or_numbers(x: Any) -> bool:
-  is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-  return is_number(x) or (isinstance(x, list) and bool(x) and all(map(is_number, x)))
+  # --- properties -------------------------------------------------------------------
 
+  @property
+  def dims(self) -> tuple[int, ...]:
+    return self.nesting.dims
 
-def _read_variables(path: str, abstract: dict, encoder_config: dict) -> dict:
-  """Restore the arrays into ``abstract``'s shapes, naming every mismatch."""
-  directory = os.path.join(path, VARIABLES_DIR)
-  if not os.path.isdir(directory):
-    raise BundleError(f"bundle {path}: the arrays folder {directory} is missing")
-  with ocp.StandardCheckpointer() as checkpointer:
+  @property
+  def embed_dim(self) -> int:
+    return int(self.nesting.embed_dim)
+
+  @property
+  def input_shape(self) -> tuple[int, ...] | None:
+    """One example's shape (image and embedding bundles; None for text)."""
+    shape = (self.config.get("input") or {}).get("shape")
+    return tuple(shape) if shape else None
+
+  @property
+  def preprocessing(self) -> dict[str, Any] | None:
+    return self.config.get("preprocessing")
+
+  # --- loading ----------------------------------------------------------------------
+
+  @classmethod
+  def load(cls, path: str, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+           verify: bool = True) -> Encoder:
+    """Read a bundle exported by any task (``WORKDIR/encoder``).
+
+    Args:
+      path: the bundle folder.
+      batch_sizes: padded batch sizes to compile.
+      verify: check every file's SHA-256 against ``mrl_jax.json`` (a flipped
+        bit is refused).
+
+    Raises:
+      BundleError: naming the file and the problem: missing files, JSON that is
+        not UTF-8 or not valid, metadata that is not a valid bundle's, changed
+        bytes, or arrays that do not match the model config.
+    """
+    path = os.path.abspath(path)
+    metadata = export_lib.read_metadata(path, verify=verify)
+    config = export_lib.read_json(os.path.join(path, export_lib.CONFIG_FILE), "model config")
+    if not isinstance(config, dict):
+      raise BundleError(f"model config {os.path.join(path, 'config.json')} is not a JSON object")
+    loader = {"image": _load_image, "text": _load_text, "embedding": _load_embedding}
     try:
-      stored = checkpointer.metadata(directory).item_metadata.tree
-    except Exception as e:  # orbax raises many types
-      raise BundleError(f"bundle {path}: cannot read {directory}: {type(e).__name__}: {e}") from e
-    problems = _tree_mismatches(stored, abstract)
-    if problems:
-      raise BundleError(
-          f"bundle {path}: its arrays do not match its model config (encoder "
-          f"{json.dumps(encoder_config, sort_keys=True)}): {'; '.join(problems[:5])}")
-    try:
-      return checkpointer.restore(directory, abstract)
-    except Exception as e:
-      raise BundleError(f"bundle {path}: cannot read the arrays in {directory}: "
+      kwargs = loader[metadata["modality"]](path, config, metadata)
+      return cls(variables=kwargs.pop("variables"), forward=kwargs.pop("forward"),
+                 metadata=metadata, config=config, batch_sizes=batch_sizes, **kwargs)
+    except BundleError:
+      raise
+    except (KeyError, TypeError, ValueError) as e:
+      raise BundleError(f"bundle {path}: invalid model config or metadata: "
                         f"{type(e).__name__}: {e}") from e
 
+  # --- embedding ----------------------------------------------------------------------
 
-def _tree_mismatches(stored: Any, expected: Any) -> list[str]:
-  """Human-readable differences in paths and shapes between two trees of arrays."""
-  flat = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape)
-                       for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  have, want = flat(stored), flat(expected)
-  problems = [f"{k}: missing (expected shape {want[k]})" for k in want if k not in have]
-  problems += [f"{k}: unexpected array of shape {have[k]}" for k in have if k not in want]
-  problems += [f"{k}: shape {have[k]}, expected {want[k]}"
-               for k in want if k in have and have[k] != want[k]]
-  return problems
+  def _embed_fn(self, variables, inputs, *, dim, normalize, quantize, layers):
+    z = self._forward(variables, inputs, layers)
+    return ops.quantize(ops.truncate_normalize(z, dim, normalize=normalize), quantize)
+
+  def check_dim(self, dim: int | None, allow_any_dim: bool = False) -> int:
+    """``dim`` (default: the largest trained dim) after checking it is servable.
+
+    Raises:
+      ValueError: listing the valid dims when ``dim`` is not a trained nesting
+        dim; with ``allow_any_dim``, when it is not in ``1..embed_dim`` or the
+        model was not trained with MRL (its prefixes are not representations).
+    """
+    if dim is None:
+      return self.dims[-1]
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+      raise ValueError(f"dim must be an int, got {dim!r}; valid dims: {list(self.dims)}")
+    if allow_any_dim:
+      if not self.is_matryoshka:
+        raise ValueError(f"allow_any_dim=True needs a Matryoshka model; this bundle has "
+                         f"is_matryoshka=false, so only dims {list(self.dims)} are served")
+      if not 1 <= dim <= self.embed_dim:
+        raise ValueError(f"dim={dim} is outside 1..{self.embed_dim} (embed_dim)")
+      if int(dim) not in self.dims:
+        warnings.warn(f"dim={dim} was not trained (trained: {list(self.dims)}); its quality "
+                      "is interpolated, not measured", stacklevel=3)
+      return int(dim)
+    try:
+      self.nesting.index(dim)
+    except ValueError as e:
+      raise ValueError(f"{e} (allow_any_dim=True truncates to any size up to "
+                       f"{self.embed_dim})") from None
+    return int(dim)
+
+  def _check_layers(self, layers: int | None) -> int | None:
+    if layers is None:
+      return None
+    if self.modality != "text":
+      raise ValueError("layers= applies to text encoders (2-D Matryoshka) only")
+    if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) \
+        or not 1 <= layers <= self.num_layers:
+      raise ValueError(f"layers={layers!r} must be an int in [1, {self.num_layers}]")
+    return None if layers == self.num_layers else int(layers)
+
+  def embed(self, inputs: Any, dim: int | None = None, *, quantize: str | None = None,
+            normalize: bool = True, allow_any_dim: bool = False,
+            layers: int | None = None) -> np.ndarray:
+    """Embeddings of a batch, truncated to ``dim`` and then L2-normalised.
+
+    Args:
+      inputs: image bundles: preprocessed float inputs ``[B, *input_shape]``
+        (see :meth:`preprocess`; raw integer pixels are refused); text bundles:
+        a list of ``str``; embedding (adaptor) bundles: float32 ``[B, D_in]``.
+        Any ``B``, including 0.
+      dim: a trained nesting dim (default: the largest); any size up to
+        ``embed_dim`` with ``allow_any_dim=True`` (Matryoshka models only).
+      quantize: ``None``, ``"int8"`` or ``"binary"`` (:func:`mrl_jax.ops.quantize`).
+      normalize: L2-normalise each truncated row.
+      layers: text only: run the first ``layers`` Transformer layers (a model
+        trained with 2-D Matryoshka).
+
+    Returns:
+      ``[B, dim]`` float32 (or int8), or ``[B, ceil(dim / 8)]`` uint8 for ``"binary"``.
+
+    Raises:
+      ValueError: a bad ``dim``/``quantize``/``layers``, inputs of the wrong
+        shape or type, or NaN/inf inputs (naming the rows).
+    """
+    dim = self.check_dim(dim, allow_any_dim)
+    if quantize not in QUANTIZATIONS:
+      raise ValueError(f"quantize={quantize!r}; choose one of {QUANTIZATIONS}")
+    if quantize == "int8" and not normalize:
+      raise ValueError("int8 quantisation maps [-1, 1] to [-127, 127] and needs unit-norm "
+                       "embeddings: use normalize=True")
+    layers = self._check_layers(layers)
+    kwargs = dict(dim=dim, normalize=normalize, quantize=quantize, layers=layers)
+    if self.modality == "text":
+      out = self._embed_texts(inputs, kwargs)
+    else:
+      out = self._embed_arrays(self._check_arrays(inputs), kwargs)
+    if out is None:
+      width = -(-dim // 8) if quantize == "binary" else dim
+      dtype = {None: np.float32, "int8": np.int8, "binary": np.uint8}[quantize]
+      return np.zeros((0, width), dtype)
+    return out
+
+  def _check_arrays(self, x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind in "iub":
+      hint = (" run Encoder.preprocess on raw pixels first" if self.modality == "image"
+              else "")
+      raise ValueError(f"inputs must be floating point, got {x.dtype};{hint}")
+    if x.dtype.kind != "f":
+      raise ValueError(f"inputs must be a float array, got dtype {x.dtype}")
+    if x.shape[1:] != self.input_shape:
+      raise ValueError(f"inputs must have shape [B, {', '.join(map(str, self.input_shape))}], "
+                       f"got {x.shape}")
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+      raise ValueError(f"inputs hold NaN or inf in rows {np.flatnonzero(bad)[:10].tolist()}")
+    return x.astype(np.float32)
+
+  def _embed_arrays(self, x: np.ndarray, kwargs: dict) -> np.ndarray | None:
+    out = []
+    for start, size, padded in padded_chunks(len(x), self.batch_sizes):
+      chunk = x[start:start + size]
+      if padded > size:
+        chunk = np.concatenate([chunk, np.zeros((padded - size, *x.shape[1:]), np.float32)])
+      out.append(np.asarray(self._embed(self.variables, chunk, **kwargs))[:size])
+    return np.concatenate(out) if out else None
+
+  def _embed_texts(self, texts: Any, kwargs: dict) -> np.ndarray | None:
+    if isinstance(texts, str) or not isinstance(texts, Sequence) \
+        or not all(isinstance(t, str) for t in texts):
+      raise ValueError("a text encoder embeds a list of str (one string: wrap it in a list)")
+    out = []
+    for start, size, padded in padded_chunks(len(texts), self.batch_sizes):
+      chunk = list(texts[start:start + size]) + [""] * (padded - size)
+      encodings = self.tokenizer.encode_batch(chunk)
+      length = text_length_bucket(max(len(e.ids) for e in encodings), self.max_length)
+      ids = np.zeros((padded, length), np.int32)
+      mask = np.zeros((padded, length), np.int32)
+      types = np.zeros((padded, length), np.int32)
+      for i, e in enumerate(encodings):
+        n = len(e.ids)
+        ids[i, :n], mask[i, :n], types[i, :n] = e.ids, e.attention_mask, e.type_ids
+      out.append(np.asarray(self._embed(self.variables, (ids, mask, types), **kwargs))[:size])
+    return np.concatenate(out) if out else None
+
+  def preprocess(self, raw: np.ndarray) -> np.ndarray:
+    """Stored examples (e.g. uint8 images ``[B, H, W, C]``) -> float32 model inputs.
+
+    Applies the bundle's ``x * scale + offset`` (scalars, or one entry per
+    channel; see :func:`mrl_jax.tasks.classification.preprocessing_info`).
+    """
+    if self.preprocessing is None:
+      raise ValueError(f"a {self.modality} bundle has no preprocessing rule")
+    scale = np.asarray(self.preprocessing["scale"], np.float32)
+    offset = np.asarray(self.preprocessing["offset"], np.float32)
+    return np.asarray(raw, np.float32) * scale + offset
+
+  # --- classification from the bundle's nested heads ------------------------------------
+
+  def logits(self, x: np.ndarray) -> np.ndarray:
+    """Nested logits ``[M, B, C]`` of an image bundle's heads (one row per trained dim).
+
+    Raises:
+      ValueError: the bundle has no classification heads.
+    """
+    if self._heads is None:
+      raise ValueError("this bundle has no classification heads (only image bundles do)")
+    x = self._check_arrays(x)
+    out = []
+    for start, size, padded in padded_chunks(len(x), self.batch_sizes):
+      chunk = x[start:start + size]
+      if padded > size:
+        chunk = np.concatenate([chunk, np.zeros((padded - size, *x.shape[1:]), np.float32)])
+      out.append(np.asarray(self._heads(self.variables, chunk))[:, :size])
+    return np.concatenate(out, axis=1)
+
+  # --- serving without mrl_jax ------------------------------------------------------------
+
+  def export(self, dim: int | None = None, *, normalize: bool = True,
+             quantize: str | None = None, allow_any_dim: bool = False,
+             platforms: Sequence[str] | None = None) -> jax.export.Exported:
+    """The embed function at one ``dim`` as serialisable StableHLO (``jax.export``).
+
+    The weights are baked in and the batch size is symbolic, so a serving
+    stack runs it without mrl_jax or Flax (image and embedding bundles)::
+
+      blob = encoder.export(dim=16).serialize()       # bytes, store anywhere
+      z = jax.export.deserialize(blob).call(x)        # any batch size
+    """
+    if self.modality == "text":
+      raise ValueError("export() serves array inputs; serve text bundles with "
+                       "sentence-transformers, TEI or vLLM (the folder is theirs)")
+    dim = self.check_dim(dim, allow_any_dim)
+    fn = jax.jit(functools.partial(self._embed_fn, self.variables, dim=dim,
+                                   normalize=normalize, quantize=quantize, layers=None))
+    (batch,) = jax.export.symbolic_shape("batch")
+    return jax.export.export(fn, platforms=platforms)(
+        jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32))
+
+
+# --- loaders per modality -----------------------------------------------------------------
+
+
+def _single_device(tree: Any) -> Any:
+  device = jax.local_devices()[0]
+  return jax.tree.map(lambda x: jax.device_put(x, device), tree)
+
+
+def _validate_common(config: dict, metadata: dict, path: str, embed_dim: int) -> None:
+  if config.get("matryoshka_dimensions") != metadata["matryoshka_dimensions"]:
+    raise BundleError(f"bundle {path}: matryoshka_dimensions differ between config.json "
+                      f"{config.get('matryoshka_dimensions')} and mrl_jax.json "
+                      f"{metadata['matryoshka_dimensions']}")
+  try:
+    Nesting(tuple(metadata["matryoshka_dimensions"]), embed_dim=embed_dim)
+  except (TypeError, ValueError) as e:
+    raise BundleError(f"bundle {path}: matryoshka_dimensions: {e}") from None
+  dims = metadata["matryoshka_dimensions"]
+  if list(dims) != sorted(set(dims)):
+    raise BundleError(f"bundle {path}: matryoshka_dimensions {dims} must be strictly increasing")
+
+
+def _load_image(path: str, config: dict, metadata: dict) -> dict[str, Any]:
+  from mrl_jax import models
+  from mrl_jax.heads import FixedFeatureHead, MRLHead
+
+  embed_dim = int(config["embed_dim"])
+  _validate_common(config, metadata, path, embed_dim)
+  shape = tuple(config["input"]["shape"])
+  if not shape or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                          for n in shape):
+    raise BundleError(f"bundle {path}: input.shape {shape!r} must be positive ints")
+  pre = config.get("preprocessing") or {}
+  for key in ("scale", "offset"):
+    values = np.asarray(pre.get(key), dtype=object).reshape(-1)
+    if not len(values) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  and np.isfinite(v) for v in values):
+      raise BundleError(f"bundle {path}: preprocessing.{key}={pre.get(key)!r} must be finite "
+                        "numbers")
+  encoder = models.build_encoder(config["encoder"], config["half_precision"])
+  head_cfg = config["head"]
+  if head_cfg["kind"] == "ff":
+    head = FixedFeatureHead(int(head_cfg["num_classes"]), int(head_cfg["dims"][0]))
+  else:
+    head = MRLHead(int(head_cfg["num_classes"]), tuple(head_cfg["dims"]),
+                   tied=head_cfg["kind"] == "mrl_e")
+  x0 = jnp.zeros((1, *shape), jnp.float32)
+  want_enc = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), x0, train=False))
+  want_head = jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, embed_dim), jnp.float32)))
+  want = {"encoder": {k: v for k, v in want_enc.items() if jax.tree.leaves(v)},
+          "head": {k: v for k, v in want_head.items() if jax.tree.leaves(v)}}
+  stored = export_lib.unflatten(export_lib.load_weights(path))
+  export_lib.check_tree(stored, want, f"bundle {path}")
+  variables = _single_device(stored)
+
+  def forward(v, x, layers):
+    del layers
+    return encoder.apply(v["encoder"], x, train=False)
+
+  def heads(v, x):
+    logits = head.apply(v["head"], encoder.apply(v["encoder"], x, train=False))
+    return logits[None] if head_cfg["kind"] == "ff" else logits
+
+  return {"variables": variables, "forward": forward, "embed_dim": embed_dim,
+          "heads": jax.jit(heads)}
+
+
+def _load_text(path: str, config: dict, metadata: dict) -> dict[str, Any]:
+  from mrl_jax.models.text import TextEncoder, load_hf_bert
+
+  try:
+    bert = load_hf_bert(path)
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise BundleError(f"bundle {path}: {e}") from e
+  cfg = bert.model.config
+  _validate_common(config, metadata, path, cfg.hidden_size)
+  if not config.get("is_matryoshka", False) == metadata["is_matryoshka"]:
+    raise BundleError(f"bundle {path}: is_matryoshka differs between config.json and "
+                      "mrl_jax.json")
+  models_by_layers: dict[int | None, TextEncoder] = {None: bert.model}
+
+  def forward(v, inputs, layers):
+    if layers not in models_by_layers:
+      models_by_layers[layers] = TextEncoder(dataclasses.replace(cfg, num_layers=layers),
+                                             pooling=bert.model.pooling)
+    return models_by_layers[layers].apply({"params": v}, *inputs)
+
+  tokenizer = bert.tokenizer.tokenizer
+  return {"variables": _single_device(bert.params), "forward": forward,
+          "embed_dim": cfg.hidden_size, "tokenizer": tokenizer, "num_layers": cfg.num_layers,
+          "max_length": bert.tokenizer.max_length}
+
+
+def _load_embedding(path: str, config: dict, metadata: dict) -> dict[str, Any]:
+  from mrl_jax.models.adaptor import MatryoshkaAdaptor
+
+  embed_dim = int(config["embed_dim"])
+  _validate_common(config, metadata, path, embed_dim)
+  model = MatryoshkaAdaptor(**config["adaptor"])
+  want = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, embed_dim), jnp.float32)))
+  stored = export_lib.unflatten(export_lib.load_weights(path))
+  export_lib.check_tree(stored, dict(want), f"bundle {path}")
+
+  def forward(v, x, layers):
+    del layers
+    return model.apply(v, x)
+
+  return {"variables": _single_device(stored), "forward": forward, "embed_dim": embed_dim}

@@ -46,6 +46,31 @@ def tiny_config(data_dir: str, **overrides):
   return config
 
 
+def tiny_text_config(**overrides):
+  """The text-pairs example config shrunk: 16 tokens, hidden 32, dims 8/16/32, 40 steps."""
+  from mrl_jax.config_lib import load_config_file
+
+  config = load_config_file(os.path.join(REPO, "configs", "text_pairs.py"))
+  config.max_length = 16
+  config.encoder.dropout = 0.0
+  config.learning_rate = 3e-3
+  config.warmup_steps = 2
+  config.num_train_steps = 40
+  config.log_every_steps = 10
+  config.eval_every_steps = 40
+  config.checkpoint_every_steps = 10
+  config.eval_batch_size = 48
+  config.update(overrides)
+  return config
+
+
+def tiny(task: str, data_dir: str, **overrides):
+  """The tiny config of ``task`` ("classification" or "pairs") with ``overrides``."""
+  if task == "pairs":
+    return tiny_text_config(**overrides)
+  return tiny_config(data_dir, **overrides)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
   """A TFDS data_dir with the digits builder prepared once for the session."""

@@ -164,10 +164,7 @@ class PairsTask(base.Task):
     self.steps_per_epoch = num // config.batch_size
     self._loss = make_pair_loss(config, self.dims)
     self._encode = jax.jit(lambda params, *args: self.model.apply({"params": params}, *args))
-    self._scored = read_scored_pairs(config.eval_file) if config.eval_file else None
-    eval_pairs = read_pairs(config.eval_pairs_file) if config.eval_pairs_file else None
-    self._eval_pairs = ([p[0] for p in eval_pairs], [p[1] for p in eval_pairs]) \
-        if eval_pairs else None
+    self._scored, self._eval_pairs = eval_data(config)
     self._arrays = None
 
   def _run_tokenizer(self) -> TextTokenizer:
@@ -265,6 +262,17 @@ class PairsTask(base.Task):
         out_dir, modality="text", dims=list(self.dims),
         weights=[float(w) for w in np.asarray(self.weights)], is_matryoshka=True, step=step,
         task=self.name, training_config=config_lib.plain(self.config.to_dict()))
+
+
+def eval_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """``(scored, pairs)`` for :func:`~mrl_jax.evaluate.text.evaluate_text` from the eval files.
+
+  ``scored = (texts_a, texts_b, gold [N])`` from ``config.eval_file``;
+  ``pairs = (anchors, positives)`` from ``config.eval_pairs_file``; None where unset.
+  """
+  scored = read_scored_pairs(config.eval_file) if config.get("eval_file") else None
+  rows = read_pairs(config.eval_pairs_file) if config.get("eval_pairs_file") else None
+  return scored, ([r[0] for r in rows], [r[1] for r in rows]) if rows else None
 
 
 def make_pair_loss(config: ml_collections.ConfigDict, dims: tuple[int, ...]):

@@ -1,0 +1,62 @@
+"""The one truncate-then-normalise of the library, and quantisation of its output.
+
+Every serving and evaluation path goes through :func:`truncate_normalize`:
+truncate to the first ``dim`` coordinates, THEN divide by the L2 norm
+(normalising first and truncating after gives vectors that are not unit
+length, the most reported bug of serving stacks; Kusupati et al. 2022 §3 and
+sentence-transformers' ``truncate_dim``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NORM_EPS = 1e-12
+QUANTIZATIONS = (None, "int8", "binary")
+
+
+def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool = True,
+                       eps: float = NORM_EPS) -> jax.Array:
+  """``z[..., :dim] / max(||z[..., :dim]||_2, eps)`` in float32.
+
+  Args:
+    z: embeddings ``[..., D]`` (any float dtype).
+    dim: the prefix size ``1 <= dim <= D`` (None: all of ``D``).
+    normalize: divide by the L2 norm (False: truncate only).
+    eps: floor of the norm, so an all-zero row stays zero instead of NaN.
+
+  Returns:
+    float32 ``[..., dim]``.
+
+  Raises:
+    ValueError: ``dim`` outside ``1..D``.
+  """
+  width = z.shape[-1]
+  if dim is None:
+    dim = width
+  if isinstance(dim, bool) or not 1 <= int(dim) <= width:
+    raise ValueError(f"dim={dim!r} must be an int in [1, {width}]")
+  z = jnp.asarray(z, jnp.float32)[..., :int(dim)]
+  if normalize:
+    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), eps)
+  return z
+
+
+def quantize(z: jax.Array, kind: str | None) -> jax.Array:
+  """Unit-norm float embeddings ``[..., m]`` -> codes (sentence-transformers' ``quantize_embeddings``).
+
+  ``None``: unchanged float32; ``"int8"``: ``clip(round(127 z), -127, 127)`` int8
+  ``[..., m]``; ``"binary"``: the sign bits ``z > 0`` packed big-endian into
+  uint8 ``[..., ceil(m / 8)]`` (as ``np.packbits``).
+
+  Raises:
+    ValueError: ``kind`` is not one of :data:`QUANTIZATIONS`.
+  """
+  if kind not in QUANTIZATIONS:
+    raise ValueError(f"quantize={kind!r}; choose one of {QUANTIZATIONS}")
+  if kind == "int8":
+    return jnp.clip(jnp.round(z * 127.0), -127, 127).astype(jnp.int8)
+  if kind == "binary":
+    return jnp.packbits(z > 0, axis=-1)
+  return z
