@@ -638,9 +638,8 @@ def read_sentence_transformer(path: str) -> SentenceTransformerInfo:
   if tok.get_vocab_size(with_added_tokens=True) > config.vocab_size:
     raise BundleError(f"{file('tokenizer.json')} has {tok.get_vocab_size(True)} token ids, "
                       f"more than config.json's vocab_size={config.vocab_size}")
-  for name in ("special_tokens_map.json",):
-    if os.path.lexists(file(name)):
-      _object(file(name))
+  if os.path.lexists(file("special_tokens_map.json")):
+    _object(file("special_tokens_map.json"))
 
   _check_tensors(file("model.safetensors"), config)
   mrl = read_mrl_metadata(root)
