@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import mrl_jax
+from mrl_jax import fileio
 
 FORMAT = "mrl_jax.encoder"
 FORMAT_VERSION = 2
@@ -44,8 +44,7 @@ WEIGHTS_FILE = "model.safetensors"
 MODALITIES = ("image", "text", "embedding")
 
 
-class BundleError(ValueError):
-  """An exported bundle that cannot be used: missing files, bad metadata, changed bytes."""
+BundleError = fileio.BundleError  # one error type for every bundle problem
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -58,47 +57,26 @@ def to_numpy(x: Any) -> np.ndarray:
 def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
   """Run ``write(tmp_dir)`` into a fresh folder beside ``out_dir``, then swap it into place.
 
-  Process 0 writes; the others wait. The previous ``out_dir`` (if any) is
-  renamed aside, the new folder renamed to ``out_dir``, and only then is the
-  old one deleted: at every moment ``out_dir`` or its ``.old-*`` twin is a
-  complete bundle (the POSIX ``rename`` is atomic; Orbax commits checkpoints
-  the same way). Leftovers of an interrupted swap are cleaned by the next one.
+  Process 0 writes; the others wait. The swap is :func:`mrl_jax.fileio.atomic_replace_dir`
+  (one atomic exchange where the OS has it, else rename aside / rename in / delete), so at
+  every moment ``out_dir`` (or its ``.old-*`` twin) is a complete bundle and a crash
+  never leaves a partial one; Orbax commits checkpoints the same way.
 
   Returns:
     ``out_dir``.
   """
   out_dir = os.path.abspath(out_dir)
-  parent, base = os.path.split(out_dir)
   if jax.process_index() == 0:
-    os.makedirs(parent, exist_ok=True)
-    _recover_interrupted_swap(parent, base)
-    tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = fileio.make_temp_dir(out_dir)
     try:
       write(tmp)
+      fileio.atomic_replace_dir(tmp, out_dir)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
-    old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-    if os.path.exists(out_dir):
-      os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
   multihost_utils.sync_global_devices(f"mrl_jax export: wrote {out_dir}")
   return out_dir
-
-
-def _recover_interrupted_swap(parent: str, base: str) -> None:
-  """Put back an ``.old-*`` bundle if a swap died between its two renames; drop temporaries."""
-  for name in sorted(os.listdir(parent)):
-    path = os.path.join(parent, name)
-    if name.startswith(f".{base}.tmp-"):
-      shutil.rmtree(path, ignore_errors=True)
-    elif name.startswith(f".{base}.old-"):
-      if not os.path.exists(os.path.join(parent, base)):
-        os.rename(path, os.path.join(parent, base))
-      else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
@@ -169,17 +147,8 @@ def write_metadata(out_dir: str, *, modality: str, dims: list[int], weights: lis
 
 def read_json(path: str, what: str = "bundle file") -> Any:
   """A JSON file, or :class:`BundleError` naming it (missing, not UTF-8, not JSON)."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise BundleError(f"{what} {path} is missing") from None
-  except UnicodeDecodeError as e:
-    raise BundleError(f"{what} {path} is not UTF-8 text: {e}") from None
-  except json.JSONDecodeError as e:
-    raise BundleError(f"{what} {path} is not valid JSON: {e}") from None
-  except OSError as e:
-    raise BundleError(f"{what} {path} cannot be read: {e}") from None
+  del what  # fileio's message names the path
+  return fileio.read_json(path)
 
 
 def read_metadata(path: str, *, verify: bool = True) -> dict[str, Any]:

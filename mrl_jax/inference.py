@@ -407,10 +407,13 @@ def _load_image(path: str, config: dict, metadata: dict) -> dict[str, Any]:
 
 
 def _load_text(path: str, config: dict, metadata: dict) -> dict[str, Any]:
-  from mrl_jax.models.text import TextEncoder, load_hf_bert
+  from mrl_jax.models.hf_bert import load_sentence_transformer
+  from mrl_jax.models.text import TextEncoder
 
   try:
-    bert = load_hf_bert(path)
+    bert, _ = load_sentence_transformer(path)
+  except BundleError:
+    raise
   except (FileNotFoundError, ValueError, OSError) as e:
     raise BundleError(f"bundle {path}: {e}") from e
   cfg = bert.model.config

@@ -143,3 +143,15 @@ def test_checkpoint_of_another_model_or_a_finished_workdir_is_reported(digits_di
     warnings.simplefilter("error")  # rerunning the finished command: no warning, no training
     again = train_lib.train_and_evaluate(config, str(tmp_path), progress=False, export_dir="")
   assert again["step"] == 10
+
+
+def test_bf16_cnn_with_batchnorm_and_sgd_keeps_its_statistics(digits_dir, tmp_path):
+  config = tiny("classification", digits_dir, half_precision=True, head="mrl_e",
+                optimizer="sgd", learning_rate=0.1, num_train_steps=30)
+  config.encoder = dict(name="cnn", embed_dim=16, features=(8, 16))
+  result = train_lib.train_and_evaluate(config, str(tmp_path), progress=False, export_dir="")
+  assert np.all(np.isfinite(result["eval"]["loss_per_dim"]))
+  assert result["eval"]["top1_per_dim"][-1] > 0.3
+  experiment = train_lib.Experiment(config, str(tmp_path))
+  experiment.close()
+  assert jax.tree.leaves(experiment.state.model_state["batch_stats"])  # kept and restored

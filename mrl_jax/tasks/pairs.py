@@ -257,7 +257,7 @@ class PairsTask(base.Task):
         out_dir, params=variables["params"], config=self.model.config,
         tokenizer=self.tokenizer.tokenizer, pooling=self.model.pooling,
         max_seq_length=self.tokenizer.max_length, matryoshka_dimensions=self.dims,
-        normalize=True, atomic=False)
+        normalize=True, overwrite=True)
     export.write_metadata(
         out_dir, modality="text", dims=list(self.dims),
         weights=[float(w) for w in np.asarray(self.weights)], is_matryoshka=True, step=step,

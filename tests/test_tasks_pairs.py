@@ -1,0 +1,100 @@
+"""The pairs task: its loss equals the unfused Matryoshka wrapper, its metrics follow their
+definitions, and its export is a sentence-transformers folder that Encoder serves exactly."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_text_config
+
+from mrl_jax import sharding as sharding_lib
+from mrl_jax import train_lib
+from mrl_jax.evaluate.text import pair_retrieval_per_dim
+from mrl_jax.inference import Encoder
+from mrl_jax.losses import in_batch_softmax, matryoshka
+from mrl_jax.tasks.pairs import PairsTask
+
+
+def _task(tmp_path, **overrides):
+  from mrl_jax import config_lib
+
+  config = config_lib.validate_config(tiny_text_config(**overrides))
+  return PairsTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
+
+
+def test_fused_loss_equals_the_unfused_matryoshka_wrapper(tmp_path):
+  task = _task(tmp_path, nesting={"dims": (32, 8, 16), "weights": (0.5, 1.0, 2.0)})
+  assert task.dims == (8, 16, 32)
+  params = task.init_variables(jax.random.PRNGKey(0))["params"]
+  batch = jax.tree.map(lambda x: jnp.asarray(x[:8]), next(task.train_batches(0)))
+  embed = lambda col: task.model.apply({"params": params}, batch[col]["input_ids"],
+                                       batch[col]["attention_mask"])
+  anchors, positives = embed("anchor"), embed("positive")
+  want = matryoshka(lambda a, p: in_batch_softmax(a, p, scale=20.0), (8, 16, 32),
+                    (1.0, 2.0, 0.5))(anchors, positives)
+  loss, (_, metrics) = jax.jit(task.loss_and_metrics)(params, {}, batch, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  per_dim = [in_batch_softmax(anchors[:, :m], positives[:, :m], scale=20.0) for m in (8, 16, 32)]
+  np.testing.assert_allclose(metrics["loss_per_dim"], per_dim, rtol=1e-5)
+
+
+def test_pair_retrieval_metrics_follow_their_definitions():
+  # 3 pairs, D=2: at m=1 every cosine is +-1, so ties count against the match.
+  a = np.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 1.0]])
+  p = np.array([[1.0, 0.1], [1.0, 1.2], [-1.0, 0.9]])
+  out = pair_retrieval_per_dim(a, p, (1, 2))
+  np.testing.assert_allclose(out["recall_at_1_per_dim"], [1 / 3, 1.0])
+  np.testing.assert_allclose(out["mrr_at_10_per_dim"], [(0.5 + 0.5 + 1) / 3, 1.0])
+  np.testing.assert_allclose(out["recall_at_10_per_dim"], [1.0, 1.0])
+  with pytest.raises(ValueError, match="NaN"):
+    pair_retrieval_per_dim(np.full((3, 2), np.nan), p, (1, 2))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("text_run"))
+  config = tiny_text_config(num_train_steps=20)
+  result = train_lib.train_and_evaluate(config, workdir, progress=False)
+  experiment = train_lib.Experiment(config, workdir)
+  experiment.close()
+  return experiment, result
+
+
+def test_export_is_a_sentence_transformers_folder_served_exactly_at_every_dim(trained):
+  experiment, result = trained
+  path = result["export_dir"]
+  for name in ("config.json", "model.safetensors", "tokenizer.json", "modules.json",
+               "1_Pooling/config.json", "sentence_bert_config.json",
+               "config_sentence_transformers.json", "mrl_jax.json"):
+    assert os.path.isfile(os.path.join(path, name)), name
+  config = json.load(open(os.path.join(path, "config.json")))
+  assert config["is_matryoshka"] is True and config["matryoshka_dimensions"] == [8, 16, 32]
+  encoder = Encoder.load(path)
+  assert encoder.modality == "text" and encoder.dims == (8, 16, 32)
+  texts = ["how do I reset my password", "a cat naps on the couch", "unseen words here"]
+  raw = experiment.task.embed_texts(jax.device_get(experiment.state.params), texts)
+  for m in encoder.dims:
+    want = raw[:, :m] / np.linalg.norm(raw[:, :m], axis=1, keepdims=True)
+    np.testing.assert_allclose(encoder.embed(texts, dim=m), want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"valid dims: \[8, 16, 32\]"):
+    encoder.embed(texts, dim=5)
+  assert encoder.embed(texts).shape == (3, 32)  # default: the largest trained dim
+  with pytest.raises(ValueError, match="list of str"):
+    encoder.embed("one string")
+
+
+def test_bad_text_configs_name_the_field(tmp_path):
+  from mrl_jax import config_lib
+
+  cases = [({"nesting": {"dims": (8, 64)}}, "larger than the embedding"),
+           ({"loss": "cosent"}, "config.loss"), ({"n_dims_per_step": 4}, "n_dims_per_step"),
+           ({"train_file": "/nonexistent.jsonl"}, "train_file"), ({"scale": 0.0}, "scale"),
+           ({"encoder": {"dropout": 1.5}}, "encoder.dropout")]
+  for overrides, match in cases:
+    with pytest.raises(ValueError, match=match):
+      config_lib.validate_config(tiny_text_config(**overrides))
+  with pytest.raises(ValueError, match="does not divide"):
+    config_lib.validate_config(tiny_text_config(batch_size=15), num_devices=2)
