@@ -11,10 +11,13 @@ files use ``sentence1``, ``sentence2``, ``score``. Three formats:
   STS-B: ``csv.QUOTE_NONE``), so a text cannot hold a tab or a line break.
 * Parquet (``.parquet``, ``.pq``): read with ``pyarrow`` (the ``text`` extra).
 
-Every error is a ``ValueError`` naming the file and, for JSONL and TSV, the line
-(``path:line: ...``; Parquet: ``path: row i`` counting from 0): bytes that are not
-UTF-8, a bad JSON line, a missing column, an empty or non-string text, negative
-columns that differ between records, a non-numeric or non-finite score.
+Every error about a file's contents is a ``ValueError`` naming the file and, for
+JSONL and TSV, the line (``path:line: ...``; Parquet: ``path: row i`` counting
+from 0): bytes that are not UTF-8, a bad JSON line, a missing column (a TSV
+header or Parquet schema without it is reported before any record), an empty or
+non-string text, negative columns that differ between records, a non-numeric or
+non-finite score. A missing file raises ``FileNotFoundError``; Parquet without
+``pyarrow`` installed, ``ImportError``.
 
 Contents:
 
