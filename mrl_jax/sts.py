@@ -11,32 +11,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.stats
 
 from mrl_jax.nesting import Nesting
 
 
-def rankdata(x: np.ndarray) -> np.ndarray:
-  """Ranks ``1..N`` of a 1-D array, ties given the mean of the ranks they span."""
-  x = np.asarray(x)
-  order = np.argsort(x, kind="stable")
-  ranks = np.empty(len(x), np.float64)
-  ranks[order] = np.arange(1, len(x) + 1)
-  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-  sums = np.bincount(inverse, weights=ranks)
-  return sums[inverse] / counts[inverse]
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-  """Spearman's rho: the Pearson correlation of the (tie-averaged) ranks of ``x`` and ``y``.
+  """Spearman's rho of two samples: ``scipy.stats.spearmanr`` (ties get their mean rank).
 
-  ``rho = cov(r_x, r_y) / (std(r_x) * std(r_y))``; NaN when either is constant.
+  ``rho = cov(r_x, r_y) / (std(r_x) * std(r_y))`` with ``r`` the tie-averaged
+  ranks. NaN (documented, not an error) when either sample is constant.
+
+  Args:
+    x: ``[N]`` finite numbers, ``N >= 2``.
+    y: ``[N]`` finite numbers.
+
+  Raises:
+    ValueError: different lengths, ``N < 2``, or a NaN/inf in ``x`` or ``y``
+      (ranking them would give a finite, meaningless rho).
   """
   x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
   if x.shape != y.shape or len(x) < 2:
     raise ValueError(f"spearman needs two sequences of one length >= 2, got {x.shape}, {y.shape}")
-  rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
-  denom = np.sqrt(np.sum(rx * rx) * np.sum(ry * ry))
-  return float(np.sum(rx * ry) / denom) if denom > 0 else float("nan")
+  for name, v in (("x", x), ("y", y)):
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:
+      raise ValueError(f"spearman: {name} has {bad.size} non-finite values (first at index "
+                       f"{bad[0]}: {v[bad[0]]})")
+  if np.all(x == x[0]) or np.all(y == y[0]):
+    return float("nan")
+  return float(scipy.stats.spearmanr(x, y).statistic)
 
 
 def cosine_per_dim(a: np.ndarray, b: np.ndarray, dims: Sequence[int]) -> np.ndarray:
@@ -46,10 +50,19 @@ def cosine_per_dim(a: np.ndarray, b: np.ndarray, dims: Sequence[int]) -> np.ndar
     a: ``[N, D]`` embeddings of the first texts.
     b: ``[N, D]`` embeddings of the second texts.
     dims: nested sizes, strictly increasing, ``<= D``.
+
+  Raises:
+    ValueError: shapes that differ or are not 2-D, bad ``dims``, or a NaN/inf
+      in ``a`` or ``b`` (naming the first bad row).
   """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.ndim != 2 or a.shape != b.shape:
     raise ValueError(f"a and b must both be [N, D] with the same shape, got {a.shape}, {b.shape}")
+  for name, x in (("a", a), ("b", b)):
+    bad = np.flatnonzero(~np.all(np.isfinite(x), axis=1))
+    if bad.size:
+      raise ValueError(f"embeddings {name} have {bad.size} rows with NaN or inf (first: row "
+                       f"{bad[0]}); refusing to score them")
   dims = Nesting(tuple(dims), embed_dim=a.shape[1]).dims
   out = []
   for m in dims:
@@ -72,10 +85,18 @@ def spearman_per_dim(
     dims: nested sizes to evaluate.
 
   Returns:
-    ``{m: rho_m}`` for every ``m`` in ``dims``.
+    ``{m: rho_m}`` for every ``m`` in ``dims`` (NaN where the cosines are constant).
+
+  Raises:
+    ValueError: a NaN/inf gold score or embedding (see :func:`cosine_per_dim`),
+      or ``scores`` not ``[N]``.
   """
   scores = np.asarray(scores, np.float64)
   cos = cosine_per_dim(a, b, dims)
   if scores.shape != (cos.shape[1],):
     raise ValueError(f"scores must be [N] = [{cos.shape[1]}], got {scores.shape}")
+  bad = np.flatnonzero(~np.isfinite(scores))
+  if bad.size:
+    raise ValueError(f"gold scores have {bad.size} NaN/inf values (first at index {bad[0]}); "
+                     "Spearman would rank them as numbers")
   return {int(m): spearman(c, scores) for m, c in zip(dims, cos, strict=True)}

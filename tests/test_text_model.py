@@ -1,5 +1,7 @@
 """The BERT-style text encoder and the Hugging Face checkpoint loader."""
 
+import dataclasses
+import functools
 import json
 import os
 
@@ -9,7 +11,14 @@ import numpy as np
 import pytest
 from text_testutil import TINY_CONFIG, numpy_bert_layers, write_tiny_checkpoint
 
-from mrl_jax.models.text import BertConfig, TextEncoder, convert_hf_bert_params, load_hf_bert
+from mrl_jax.models.text import (
+    BertConfig,
+    TextEncoder,
+    attention,
+    attention_with_dropout,
+    convert_hf_bert_params,
+    load_hf_bert,
+)
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                          "minilm_reference.npz")
@@ -136,3 +145,72 @@ def test_minilm_matches_sentence_transformers_reference():
   with open(os.path.join(str(package.get_model_path()), "config.json")) as f:
     assert json.load(f)["hidden_size"] == ref["embeddings"].shape[1]
 
+
+
+def _einsum_attention(q, k, v, mask):
+  """The hand-written form the encoder used before: einsum, masked softmax, einsum (float64)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(mask[:, None, None, :], scores, -np.inf)
+  w = np.exp(scores - scores.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+
+
+def test_attention_equals_einsum_reference():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(3, 7, 2, 4)).astype(np.float32) for _ in range(3))
+  mask = np.arange(7)[None] < np.array([7, 4, 1])[:, None]  # full, padded, one token
+  got = jax.jit(attention)(q, k, v, mask)
+  assert got.shape == (3, 7, 2, 4) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, _einsum_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+  # bfloat16 inputs: softmax in float32 inside, result in bfloat16, close to the reference.
+  low = jax.jit(attention)(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask)
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(low, np.float32), _einsum_attention(q, k, v, mask),
+                             atol=5e-2)
+  # The dropout path at rate -> 0 (every weight kept) is the same attention.
+  kept = attention_with_dropout(q, k, v, mask, rate=1e-9, rng=jax.random.key(0))
+  np.testing.assert_allclose(kept, _einsum_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+  dropped = attention_with_dropout(q, k, v, mask, rate=0.5, rng=jax.random.key(0))
+  assert not np.allclose(dropped, kept)
+
+
+def test_train_mode_drops_attention_weights_only_when_asked(tiny):
+  directory, _, bert = tiny
+  batch = bert.tokenizer(["the cat sat on the mat", "a dog"])
+  args = (batch["input_ids"], batch["attention_mask"])
+  no_dropout = BertConfig.from_hf({**TINY_CONFIG, "hidden_dropout_prob": 0.0,
+                                   "attention_probs_dropout_prob": 0.0})
+  run = lambda cfg, train: jax.jit(functools.partial(
+      TextEncoder(cfg).apply, train=train, rngs={"dropout": jax.random.key(0)}))(
+          {"params": bert.params}, *args)
+  # Without any dropout, training mode is the eval computation (dot_product_attention path).
+  np.testing.assert_allclose(run(no_dropout, True), run(no_dropout, False), rtol=1e-6)
+  only_attention = dataclasses.replace(no_dropout, attention_dropout=0.3)
+  assert not np.allclose(run(only_attention, True), run(no_dropout, False))
+
+
+def test_cut_encoder_reads_the_same_params_and_equals_the_per_layer_output(tiny):
+  _, tensors, bert = tiny
+  batch = bert.tokenizer(["the cat sat on the mat .", "a dog ran"])
+  args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  apply = lambda model, **kw: jax.jit(functools.partial(model.apply, **kw))(
+      {"params": bert.params}, *args)
+  _, layers = apply(bert.model, all_layers=True)
+  cut = bert.model.cut(1)
+  assert cut.config.num_layers == 1 and bert.model.config.num_layers == 2
+  one = apply(cut)  # layer_1's params are ignored
+  np.testing.assert_allclose(one, layers[0], rtol=1e-5, atol=1e-6)
+  want = _mean_pool(numpy_bert_layers(tensors, TINY_CONFIG, batch["input_ids"],
+                                      batch["attention_mask"])[0], batch["attention_mask"])
+  np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-5)
+  _, per_layer = apply(cut, all_layers=True)
+  assert per_layer.shape == (1, 2, 8)
+  np.testing.assert_allclose(apply(bert.model.cut(2)), layers[1], rtol=1e-5, atol=1e-6)
+  embedded = bert.embed(["the cat sat on the mat .", "a dog ran"], dim=4, layers=1)
+  raw = np.asarray(layers[0][:, :4])
+  np.testing.assert_allclose(embedded, raw / np.linalg.norm(raw, axis=1, keepdims=True),
+                             rtol=1e-5)
+  for bad in (0, 3, 1.5, True):
+    with pytest.raises(ValueError, match="num_layers must be"):
+      bert.model.cut(bad)

@@ -124,8 +124,47 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, how: str) -> jax.Array:
   return jnp.sum(hidden * mask, axis=-2) / jnp.maximum(jnp.sum(mask, axis=-2), 1e-9)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Scaled dot-product attention over padded keys: ``softmax(q k^T / sqrt(d), mask) v``.
+
+  ``jax.nn.dot_product_attention`` (XLA on CPU, where it equals the einsum
+  form exactly; cuDNN or TPU kernels where JAX picks them). Logits and softmax
+  run in float32 for low-precision inputs.
+
+  Args:
+    q, k, v: ``[B, T, heads, head_dim]``.
+    mask: ``[B, T]`` bool, True for real (attended) key tokens.
+
+  Returns:
+    ``[B, T, heads, head_dim]`` in ``v``'s dtype.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+
+
+def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                           rate: float, rng: jax.Array) -> jax.Array:
+  """:func:`attention` with dropout on the attention weights (BERT's training-time dropout).
+
+  ``jax.nn.dot_product_attention`` has no dropout, so this is the explicit
+  einsum-softmax form: weights ``softmax(q k^T / sqrt(d))`` (padded keys get
+  the dtype's lowest value), each weight kept with probability ``1 - rate``
+  and scaled by ``1 / (1 - rate)``.
+  """
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
+  scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+  weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+  weights = jnp.where(keep, weights / (1.0 - rate), 0.0).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
 class _Layer(nn.Module):
-  """One post-LayerNorm BERT layer: self-attention and feed-forward, each with a residual."""
+  """One post-LayerNorm BERT layer: self-attention and feed-forward, each with a residual.
+
+  Attention goes through :func:`attention` (``jax.nn.dot_product_attention``),
+  except in training with ``attention_dropout > 0``, where
+  :func:`attention_with_dropout` drops attention weights as BERT does.
+  """
 
   config: BertConfig
   dtype: Dtype
@@ -139,11 +178,12 @@ class _Layer(nn.Module):
     drop = lambda x, rate: nn.Dropout(rate)(x, deterministic=not train)
     split = lambda x: x.reshape(x.shape[:-1] + (heads, head_dim))
     q, k, v = (split(dense(cfg.hidden_size, n)(h)) for n in ("query", "key", "value"))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(self.dtype)
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-    weights = drop(jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype),
-                   cfg.attention_dropout)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(h.shape)
+    if train and cfg.attention_dropout > 0:
+      context = attention_with_dropout(q, k, v, mask, rate=cfg.attention_dropout,
+                                       rng=self.make_rng("dropout"))
+    else:
+      context = attention(q, k, v, mask)
+    context = context.reshape(h.shape)
     h = norm("attention_norm")(h + drop(dense(cfg.hidden_size, "attention_output")(context),
                                         cfg.hidden_dropout))
     inner = ACTIVATIONS[cfg.hidden_act](dense(cfg.intermediate_size, "intermediate")(h))
@@ -163,6 +203,22 @@ class TextEncoder(nn.Module):
   config: BertConfig
   pooling: str = "mean"
   dtype: Dtype = jnp.float32
+
+  def cut(self, num_layers: int) -> TextEncoder:
+    """This encoder cut to its first ``num_layers`` layers (2-D Matryoshka serving).
+
+    The cut model reads the SAME ``params`` (``layer_num_layers`` and above are
+    ignored); its output equals ``per_layer[num_layers - 1]`` of the full model's
+    ``all_layers=True`` output, at ``num_layers / L`` of the layer cost.
+
+    Raises:
+      ValueError: ``num_layers`` not an int in ``[1, config.num_layers]``.
+    """
+    L = self.config.num_layers
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or not (
+        1 <= num_layers <= L):
+      raise ValueError(f"num_layers must be an int in [1, {L}], got {num_layers!r}")
+    return self.clone(config=dataclasses.replace(self.config, num_layers=int(num_layers)))
 
   @nn.compact
   def __call__(
@@ -306,10 +362,19 @@ class HFBert:
   tokenizer: TextTokenizer
   normalize: bool = False
 
-  def embed(self, texts: Sequence[str], *, dim: int | None = None) -> np.ndarray:
-    """``texts`` to ``[B, dim or H]``: encode, truncate, then normalise if the model does."""
+  def embed(self, texts: Sequence[str], *, dim: int | None = None,
+            layers: int | None = None) -> np.ndarray:
+    """``texts`` to ``[B, dim or H]``: encode, truncate, then normalise if the model does.
+
+    Args:
+      texts: the texts.
+      dim: keep the first ``dim`` dims (``None``: all ``H``).
+      layers: run only the first ``layers`` layers (:meth:`TextEncoder.cut`);
+        ``None``: all.
+    """
+    model = self.model if layers is None else self.model.cut(layers)
     batch = self.tokenizer(texts)
-    out = _encode(self.model, self.params, batch["input_ids"], batch["attention_mask"],
+    out = _encode(model, self.params, batch["input_ids"], batch["attention_mask"],
                   batch["token_type_ids"])
     if dim is not None:
       if not 1 <= dim <= out.shape[-1]:
