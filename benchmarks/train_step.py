@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import imagenet_resnet50  # noqa: E402
 from mrl_jax import config_lib, models, optim, train_lib  # noqa: E402
 from mrl_jax import sharding as sharding_lib  # noqa: E402
-from mrl_jax.data import pipeline  # noqa: E402
 
 HEADS = {"mrl": "MRL", "ff": "single head (FF-2048)", "mrl_e": "MRL-E"}
 NUM_CLASSES = 1000

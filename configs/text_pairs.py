@@ -24,10 +24,13 @@ def get_config() -> ml_collections.ConfigDict:
   config = base_config("pairs")
 
   # Data: local files only.
-  config.train_file = os.path.join(EXAMPLES, "train_pairs.jsonl")  # anchor/positive JSONL or TSV
+  # anchor, positive[, negative | negative_1..k] columns; JSONL, TSV or Parquet. Several
+  # files: comma-separated, mixed by train_weights (None: by their sizes).
+  config.train_file = os.path.join(EXAMPLES, "train_pairs.jsonl")
+  config.train_weights = placeholder(tuple)
   config.eval_file = os.path.join(EXAMPLES, "sts_eval.tsv")  # sentence1/sentence2/score
   config.eval_pairs_file = os.path.join(EXAMPLES, "eval_pairs.jsonl")  # retrieval; None: skip
-  config.max_length = 32  # tokens per text, special tokens included
+  config.max_length = 32  # longest text in tokens; batches pad to a few bucket lengths up to it
 
   # Model: a local HF BERT folder, or None for a random BERT of the `encoder` shape
   # with a word-level vocabulary built from the data (saved in WORKDIR/assets).
@@ -41,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.scale = 20.0  # inverse temperature of the in-batch softmax
   config.n_dims_per_step = -1  # sentence-transformers' convention: -1 = every dim each step
   config.loss = "fused"  # "fused" | "matryoshka" (unfused wrapper) | "2d" (dims x layers)
+  config.symmetric = False  # also positive -> anchor (MultipleNegativesSymmetricRankingLoss)
   config.n_layers_per_step = 1  # "2d" only
 
   # Optimisation.

@@ -44,7 +44,7 @@ def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool 
 
 
 def quantize(z: jax.Array, kind: str | None) -> jax.Array:
-  """Unit-norm float embeddings ``[..., m]`` -> codes (sentence-transformers' ``quantize_embeddings``).
+  """Unit-norm float embeddings ``[..., m]`` -> codes (as sentence-transformers' quantize).
 
   ``None``: unchanged float32; ``"int8"``: ``clip(round(127 z), -127, 127)`` int8
   ``[..., m]``; ``"binary"``: the sign bits ``z > 0`` packed big-endian into

@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from mrl_jax import config_lib, export, optim, preemption, tasks

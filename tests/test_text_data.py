@@ -11,10 +11,8 @@ from mrl_jax.data.text import (
     TextPairs,
     TextTokenizer,
     bucket_lengths,
-    read_pairs,
     read_scored_pairs,
     read_text_pairs,
-    tokenize_columns,
     tokenize_pairs,
 )
 from mrl_jax.sts import cosine_per_dim, spearman, spearman_per_dim
@@ -41,34 +39,6 @@ def test_tokenizer_pads_truncates_and_marks_padding(tokenizer):
     tokenizer("the cat")
 
 
-def test_read_pairs_jsonl_and_tsv(tmp_path):
-  jsonl = tmp_path / "pairs.jsonl"
-  jsonl.write_text("\n".join(json.dumps(r) for r in [
-      {"anchor": "the cat", "positive": "a cat", "extra": 1},
-      {"anchor": "a dog", "positive": "the dog"}]) + "\n\n")
-  assert read_pairs(str(jsonl)) == [("the cat", "a cat"), ("a dog", "the dog")]
-  tsv = tmp_path / "triplets.tsv"
-  tsv.write_text("anchor\tpositive\tnegative\nthe cat\ta cat\ta tree\n")
-  assert read_pairs(str(tsv), columns=("anchor", "positive", "negative")) == [
-      ("the cat", "a cat", "a tree")]
-  headless = tmp_path / "pairs.tsv"
-  headless.write_text("the cat\ta cat\n")
-  assert read_pairs(str(headless)) == [("the cat", "a cat")]
-
-
-def test_read_pairs_errors_name_the_line(tmp_path):
-  bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"anchor": "x", "positive": "y"}\n{"anchor": "x"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2: missing \['positive'\]"):
-    read_pairs(str(bad))
-  short = tmp_path / "short.tsv"
-  short.write_text("only one field\n")
-  with pytest.raises(ValueError, match="short.tsv:1: expected 2"):
-    read_pairs(str(short))
-  with pytest.raises(ValueError, match="unknown extension"):
-    read_pairs(str(tmp_path / "pairs.csv"))
-
-
 def test_read_scored_pairs(tmp_path):
   path = tmp_path / "sts.jsonl"
   path.write_text('{"sentence1": "a", "sentence2": "b", "score": 4.5}\n'
@@ -79,14 +49,6 @@ def test_read_scored_pairs(tmp_path):
   path.write_text('{"sentence1": "a", "sentence2": "b", "score": "high"}\n')
   with pytest.raises(ValueError, match="not a number"):
     read_scored_pairs(str(path))
-
-
-def test_tokenize_columns_share_one_length(tokenizer):
-  rows = [("the cat", "a dog ran fast ."), ("a mat", "the tree")]
-  out = tokenize_columns(tokenizer, rows)
-  assert out["anchor"]["input_ids"].shape == out["positive"]["input_ids"].shape == (2, 6)
-  np.testing.assert_array_equal(out["anchor"]["attention_mask"][0], [1, 1, 1, 1, 0, 0])
-  assert tokenize_columns(tokenizer, rows, pad_to=6)["anchor"]["input_ids"].shape == (2, 6)
 
 
 def _spearman_reference(x, y):
@@ -257,8 +219,6 @@ def test_non_utf8_and_nan_scores_are_refused_with_the_line(tmp_path):
                   f'{{"sentence1": "a", "sentence2": "b", "score": {value}}}\n')
     with pytest.raises(ValueError, match=rf"bad.jsonl:2: score .* {match}"):
       read_scored_pairs(path)
-  with pytest.raises(ValueError, match=r"old.jsonl:1: not UTF-8"):  # the tuple reader too
-    read_pairs(_write(tmp_path / "old.jsonl", b'{"anchor": "\xff", "positive": "b"}\n'))
 
 
 def test_text_pairs_validates_and_selects():

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -33,7 +33,14 @@ import ml_collections
 import numpy as np
 
 from mrl_jax import config_lib, export
-from mrl_jax.data.text import TextTokenizer, read_pairs, read_scored_pairs, tokenize_columns
+from mrl_jax.data.text import (
+    PairMixture,
+    TextTokenizer,
+    bucket_lengths,
+    read_scored_pairs,
+    read_text_pairs,
+    tokenize_pairs,
+)
 from mrl_jax.evaluate.text import evaluate_text
 from mrl_jax.losses import (
     in_batch_softmax,
@@ -41,6 +48,7 @@ from mrl_jax.losses import (
     matryoshka_2d,
     nested_in_batch_softmax_per_dim,
     sample_nested_indices,
+    symmetric_in_batch_softmax,
 )
 from mrl_jax.models.text import POOLINGS, BertConfig, TextEncoder, load_hf_bert
 from mrl_jax.tasks import base, register
@@ -100,10 +108,22 @@ class PairsTask(base.Task):
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
-    for name in ("train_file", "eval_file", "eval_pairs_file"):
-      path = config[name]
-      if (path is not None or name == "train_file") and not os.path.isfile(str(path)):
-        raise ValueError(f"config.{name}={path!r} is not a file")
+    files = train_files(config)
+    for path in files:
+      if not os.path.isfile(path):
+        raise ValueError(f"config.train_file: {path!r} is not a file")
+    for name in ("eval_file", "eval_pairs_file"):
+      if config[name] is not None and not os.path.isfile(str(config[name])):
+        raise ValueError(f"config.{name}={config[name]!r} is not a file")
+    if config.train_weights is not None:
+      weights = tuple(config.train_weights)
+      if len(weights) != len(files) or not all(
+          isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w > 0
+          for w in weights):
+        raise ValueError(f"config.train_weights={config.train_weights!r} must be one positive "
+                         f"number per train file ({len(files)})")
+    if config.loss == "2d" and config.symmetric:
+      raise ValueError("config.symmetric=True is not available with config.loss='2d'")
     if config.model_dir is not None:
       if not os.path.isdir(config.model_dir):
         raise ValueError(f"config.model_dir={config.model_dir!r} is not a folder")
@@ -142,7 +162,7 @@ class PairsTask(base.Task):
     super().__init__(config, workdir=workdir, mesh=mesh)
     self.dims = tuple(config.nesting.dims)
     self.weights = jnp.asarray(config.nesting.weights, jnp.float32)
-    self.train_pairs = read_pairs(config.train_file)
+    self.sources = [read_text_pairs(path) for path in train_files(config)]
     self._pretrained = None
     if config.model_dir is not None:
       bert = load_hf_bert(config.model_dir, pooling=config.pooling, max_length=config.max_length)
@@ -157,27 +177,32 @@ class PairsTask(base.Task):
           intermediate_size=enc.intermediate_size, max_position_embeddings=config.max_length,
           hidden_dropout=enc.dropout, attention_dropout=enc.dropout),
           pooling=config.pooling or "mean")
-    num = len(self.train_pairs)
-    if num < config.batch_size:
-      raise ValueError(f"config.batch_size={config.batch_size} is larger than the {num} "
-                       f"training pairs in {config.train_file}")
-    self.steps_per_epoch = num // config.batch_size
+    for source in self.sources:
+      if len(source) < config.batch_size:
+        raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
+                         f"{len(source)} training pairs in {source.path}")
+    self.mixture = PairMixture(self.sources, config.train_weights,
+                               batch_size=config.batch_size, seed=config.seed)
+    self.buckets = bucket_lengths(self.tokenizer.max_length)
+    self.steps_per_epoch = sum(len(s) for s in self.sources) // config.batch_size
     self._loss = make_pair_loss(config, self.dims)
     self._encode = jax.jit(lambda params, *args: self.model.apply({"params": params}, *args))
     self._scored, self._eval_pairs = eval_data(config)
-    self._arrays = None
 
   def _run_tokenizer(self) -> TextTokenizer:
     """The run's word vocabulary: read from ``workdir/assets`` if saved, else built and saved."""
     path = os.path.join(self.workdir, TOKENIZER_ASSET)
     if os.path.isfile(path):
       return TextTokenizer.from_file(path, max_length=self.config.max_length)
-    texts = [t for row in self.train_pairs for t in row]
+    texts = [t for source in self.sources for t in (*source.anchors, *source.positives,
+                                                    *(n for row in source.negatives or ()
+                                                      for n in row))]
     if self.config.eval_file:
       a, b, _ = read_scored_pairs(self.config.eval_file)
       texts += a + b
     if self.config.eval_pairs_file:
-      texts += [t for row in read_pairs(self.config.eval_pairs_file) for t in row]
+      rows = read_text_pairs(self.config.eval_pairs_file)
+      texts += rows.anchors + rows.positives
     tokenizer = word_tokenizer(texts, max_length=self.config.max_length)
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -195,32 +220,56 @@ class PairsTask(base.Task):
     return self._pretrained
 
   def loss_and_metrics(self, params, model_state, batch, rng):
+    """In-batch softmax over anchors, positives and (optional) hard negatives ``[B, K, T]``.
+
+    One encoder forward over every text of the batch (all padded to one bucket
+    length); the embeddings are split back into anchors ``[B, D]``, positives
+    ``[B, D]`` and negatives ``[B, K, D]``.
+    """
     dropout_rng, loss_rng = jax.random.split(rng)
     size = batch["anchor"]["input_ids"].shape[0]
     all_layers = self.config.loss == "2d"
-    joined = [jnp.concatenate([batch["anchor"][k], batch["positive"][k]]) for k in _TOKEN_KEYS]
+    parts = [batch["anchor"], batch["positive"]]
+    if "negative" in batch:
+      parts.append(jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch["negative"]))
+    joined = [jnp.concatenate([p[k] for p in parts]) for k in _TOKEN_KEYS]
     out = self.model.apply({"params": params}, *joined, train=True, all_layers=all_layers,
                            rngs={"dropout": dropout_rng})
     pooled, layers = out if all_layers else (out, None)
-    args = (layers[:, :size], layers[:, size:]) if all_layers else (pooled[:size], pooled[size:])
-    loss = self._loss(*args, rng=loss_rng)
+    negatives = (pooled[2 * size:].reshape(size, -1, pooled.shape[-1])
+                 if "negative" in batch else None)
+    if all_layers:
+      loss = self._loss(layers[:, :size], layers[:, size:2 * size], rng=loss_rng)
+    else:
+      loss = self._loss(pooled[:size], pooled[size:2 * size], negatives, rng=loss_rng)
     pooled = jax.lax.stop_gradient(pooled)
-    per_dim = nested_in_batch_softmax_per_dim(pooled[:size], pooled[size:], self.dims,
-                                              scale=self.config.scale)
+    per_dim = nested_in_batch_softmax_per_dim(
+        pooled[:size], pooled[size:2 * size], self.dims, scale=self.config.scale,
+        negatives=None if negatives is None else jax.lax.stop_gradient(negatives),
+        symmetric=self.config.symmetric)
     return loss, (model_state, {"loss_per_dim": per_dim})
 
   # --- data -------------------------------------------------------------------------
 
   def train_batches(self, start_step: int) -> Iterator[base.Batch]:
-    if self._arrays is None:
-      self._arrays = tokenize_columns(self.tokenizer, self.train_pairs,
-                                      pad_to=self.config.max_length)
-    return pair_batches(self._arrays, batch_size=self.config.batch_size, seed=self.config.seed,
-                        start_step=start_step)
+    """Batch ``s`` is :meth:`PairMixture.batch` ``(s)`` padded to one bucket length.
+
+    The global batch is tokenised so that every process pads to the same length,
+    then this process keeps its rows. Nothing before ``start_step`` is read.
+    """
+    local = self.config.batch_size // jax.process_count()
+    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    step = start_step
+    while True:
+      arrays = tokenize_pairs(self.tokenizer, self.mixture.batch(step), buckets=self.buckets,
+                              shared_length=True)
+      yield jax.tree.map(lambda x: x[rows], arrays)
+      step += 1
 
   def data_position(self, step: int) -> dict[str, Any]:
     return {**super().data_position(step), "train_file": self.config.train_file,
-            "num_pairs": len(self.train_pairs)}
+            "train_weights": self.config.train_weights,
+            "num_pairs": [len(s) for s in self.sources]}
 
   # --- evaluation and export -----------------------------------------------------------
 
@@ -271,8 +320,15 @@ def eval_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
   ``pairs = (anchors, positives)`` from ``config.eval_pairs_file``; None where unset.
   """
   scored = read_scored_pairs(config.eval_file) if config.get("eval_file") else None
-  rows = read_pairs(config.eval_pairs_file) if config.get("eval_pairs_file") else None
-  return scored, ([r[0] for r in rows], [r[1] for r in rows]) if rows else None
+  rows = read_text_pairs(config.eval_pairs_file) if config.get("eval_pairs_file") else None
+  return scored, (rows.anchors, rows.positives) if rows else None
+
+
+def train_files(config: ml_collections.ConfigDict) -> list[str]:
+  """The paths of ``config.train_file``: one, or several separated by commas."""
+  if not isinstance(config.train_file, str) or not config.train_file.strip():
+    raise ValueError(f"config.train_file={config.train_file!r} must name one or more files")
+  return [p.strip() for p in config.train_file.split(",") if p.strip()]
 
 
 def make_pair_loss(config: ml_collections.ConfigDict, dims: tuple[int, ...]):
@@ -284,12 +340,15 @@ def make_pair_loss(config: ml_collections.ConfigDict, dims: tuple[int, ...]):
   in its one blocked matmul and zeroes the weights of the others).
   """
   weights, scale, k = tuple(config.nesting.weights), config.scale, n_dims_per_step(config)
-  base_loss = functools.partial(in_batch_softmax, scale=scale)
+  base_loss = functools.partial(symmetric_in_batch_softmax if config.symmetric
+                                else in_batch_softmax, scale=scale)
   if config.loss == "fused":
     w = jnp.asarray(weights, jnp.float32)
 
-    def fused(anchors, positives, *, rng):
-      per_dim = nested_in_batch_softmax_per_dim(anchors, positives, dims, scale=scale)
+    def fused(anchors, positives, negatives=None, *, rng):
+      per_dim = nested_in_batch_softmax_per_dim(anchors, positives, dims, scale=scale,
+                                                negatives=negatives,
+                                                symmetric=config.symmetric)
       if k is None:
         return jnp.sum(w * per_dim)
       picked = sample_nested_indices(rng, len(dims), k)
@@ -298,36 +357,11 @@ def make_pair_loss(config: ml_collections.ConfigDict, dims: tuple[int, ...]):
     return fused
   if config.loss == "matryoshka":
     nested = matryoshka(base_loss, dims, weights, n_dims_per_step=k)
-    return (lambda a, p, *, rng: nested(a, p)) if k is None else nested
+
+    def unfused(anchors, positives, negatives=None, *, rng):
+      args = (anchors, positives) if negatives is None else (anchors, positives, negatives)
+      return nested(*args) if k is None else nested(*args, rng=rng)
+
+    return unfused
   return matryoshka_2d(base_loss, dims, weights, n_dims_per_step=k,
                        n_layers_per_step=config.n_layers_per_step)
-
-
-def pair_batches(arrays: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int, seed: int,
-                 start_step: int = 0) -> Iterator[dict]:
-  """An endless, seeded iterator of this process's share of each global batch.
-
-  Epoch ``e`` visits the rows in the order ``default_rng([seed, e]).permutation(N)``
-  (the last partial batch dropped), so batch ``s`` depends only on ``seed`` and
-  ``s``: a run resumed at ``start_step`` reads nothing before it.
-
-  Args:
-    arrays: ``{column: {key: [N, T]}}`` from :func:`~mrl_jax.data.text.tokenize_columns`.
-    batch_size: the GLOBAL batch size ``<= N``.
-
-  Yields:
-    ``{column: {key: [b, T]}}`` with ``b = batch_size // jax.process_count()``.
-  """
-  num = len(next(iter(next(iter(arrays.values())).values())))
-  per_epoch = num // batch_size
-  if per_epoch < 1:
-    raise ValueError(f"batch_size={batch_size} is larger than the {num} training pairs")
-  local = batch_size // jax.process_count()
-  offset = jax.process_index() * local
-  step = start_step
-  while True:
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num)
-    rows = order[i * batch_size:(i + 1) * batch_size][offset:offset + local]
-    yield jax.tree.map(lambda x, rows=rows: x[rows], dict(arrays))
-    step += 1
