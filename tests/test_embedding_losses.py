@@ -390,9 +390,8 @@ def test_candidate_order_does_not_change_the_value():
   perm = np.random.default_rng(3).permutation(15)
   shuffled = n.reshape(15, 16)[perm].reshape(5, 3, 16)
   for symmetric in (False, True):
-    f = lambda n: losses.nested_in_batch_softmax(a, p, (4, 16), negatives=n,  # noqa: B023
-                                                 symmetric=symmetric)
-    np.testing.assert_allclose(f(shuffled), f(n), rtol=1e-6)
+    f = lambda n, sym: losses.nested_in_batch_softmax(a, p, (4, 16), negatives=n, symmetric=sym)
+    np.testing.assert_allclose(f(shuffled, symmetric), f(n, symmetric), rtol=1e-6)
   np.testing.assert_allclose(losses.in_batch_softmax(a, p, shuffled),
                              losses.in_batch_softmax(a, p, n), rtol=1e-6)
 
