@@ -46,11 +46,24 @@ def default_dims(embed_dim: int, start: int = 8) -> tuple[int, ...]:
 class Nesting:
   """A validated nesting list with one positive weight per size.
 
+  ``dims`` may be given in any order (sentence-transformers users write
+  ``[768, 512, 256, 128, 64]``); they are stored ascending, with ``weights``
+  permuted along so that each weight stays with its size.
+
   Attributes:
-    dims: strictly increasing positive sizes ``(m_1, ..., m_M)``.
-    weights: one positive float per size (``c_m``); all 1.0 by default, as in
-      every run of the paper. The nested loss is ``sum_m c_m * L_m``.
+    dims: distinct positive sizes, stored strictly increasing ``(m_1, ..., m_M)``.
+    weights: one positive finite float per size (``c_m``), aligned with ``dims``
+      as given; all 1.0 by default, as in every run of the paper. The nested
+      loss is ``sum_m c_m * L_m``. A string such as ``"(1.0, nan, 1.0)"`` (or a
+      1-tuple holding one, which is what ml_collections makes of a tuple flag
+      that is not a Python literal) is parsed as comma-separated numbers, so
+      that the error names the bad value.
     embed_dim: size ``D`` of the full embedding, if known; then ``m_M <= D``.
+
+  Raises:
+    ValueError: empty, non-integer, non-positive or repeated dims; a weight
+      count that differs from the dims'; a weight that is not a positive finite
+      number; ``m_M > embed_dim``. The message names the bad value.
   """
 
   dims: tuple[int, ...]
@@ -58,10 +71,12 @@ class Nesting:
   embed_dim: int | None = None
 
   def __post_init__(self):
-    dims = _validate_dims(self.dims)
+    given = _validate_dims(self.dims)
+    weights = _validate_weights(self.weights, given)
+    order = sorted(range(len(given)), key=given.__getitem__)
+    dims = tuple(given[i] for i in order)
     object.__setattr__(self, "dims", dims)
-    weights = _validate_weights(self.weights, dims)
-    object.__setattr__(self, "weights", weights)
+    object.__setattr__(self, "weights", tuple(weights[i] for i in order))
     if self.embed_dim is not None:
       if not isinstance(self.embed_dim, (int, np.integer)) or self.embed_dim < 1:
         raise ValueError(f"embed_dim must be a positive int, got {self.embed_dim!r}")
@@ -89,7 +104,36 @@ class Nesting:
           f"dim={dim} is not a trained nesting dim; valid dims: {list(self.dims)}") from None
 
 
+def _parse_numbers(value, name: str):
+  """A tuple from a string of comma-separated numbers (``"(1.0, nan)"``), else ``value``.
+
+  ml_collections parses a tuple flag with ``ast.literal_eval``; ``nan`` and
+  ``inf`` are not literals, so ``--config.nesting.weights='(1.0, nan)'`` arrives
+  as the 1-tuple ``('(1.0, nan)',)``. Both that and a bare string are parsed
+  here (``float`` accepts ``nan``/``inf``); anything else is returned as is.
+  """
+  if isinstance(value, Sequence) and len(value) == 1 and isinstance(value[0], str):
+    value = value[0]
+  if not isinstance(value, str):
+    return value
+  text = value.strip()
+  if text[:1] in "([" and text[-1:] in ")]":
+    text = text[1:-1]
+  items = [t.strip() for t in text.split(",")]
+  if items and not items[-1]:
+    items = items[:-1]  # "(8,)"
+  out = []
+  for item in items:
+    try:
+      number = float(item)
+    except ValueError:
+      raise ValueError(f"{name} must be numbers, got {item!r} in {value!r}") from None
+    out.append(number)
+  return tuple(out)
+
+
 def _validate_dims(dims: Sequence[int]) -> tuple[int, ...]:
+  """Positive distinct ints, in the order given."""
   if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
     raise ValueError(f"dims must be a non-empty sequence of ints, got {dims!r}")
   out = []
@@ -97,26 +141,33 @@ def _validate_dims(dims: Sequence[int]) -> tuple[int, ...]:
     if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
       raise ValueError(f"nesting dims must be positive ints, got {d!r} in {list(dims)}")
     out.append(int(d))
-  for a, b in zip(out, out[1:], strict=False):
-    if b <= a:
-      raise ValueError(
-          f"nesting dims must be strictly increasing, got {b} after {a} in {out}")
+  repeated = sorted({d for d in out if out.count(d) > 1})
+  if repeated:
+    raise ValueError(f"nesting dims must be distinct, got {repeated[0]} more than once in {out}")
   return tuple(out)
 
 
 def _validate_weights(weights, dims: tuple[int, ...]) -> tuple[float, ...]:
   if weights is None:
     return (1.0,) * len(dims)
+  weights = _parse_numbers(weights, "weights")
+  if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+    try:
+      weights = tuple(weights)
+    except TypeError:
+      raise ValueError(f"weights must be a sequence of numbers, got {weights!r}") from None
   weights = tuple(weights)
-  if len(weights) != len(dims):
-    raise ValueError(
-        f"got {len(weights)} weights for {len(dims)} nesting dims "
-        f"(weights={list(weights)}, dims={list(dims)})")
   out = []
   for w in weights:
+    if hasattr(w, "dtype") and np.shape(w) == () and not isinstance(w, (bool, np.bool_)):
+      w = np.asarray(w).item()  # a 0-d numpy or JAX array
     if isinstance(w, bool) or not isinstance(w, (int, float, np.number)):
       raise ValueError(f"weights must be numbers, got {w!r} in {list(weights)}")
     if not np.isfinite(w) or w <= 0:
       raise ValueError(f"weights must be positive and finite, got {w!r} in {list(weights)}")
     out.append(float(w))
+  if len(out) != len(dims):
+    raise ValueError(
+        f"got {len(out)} weights for {len(dims)} nesting dims "
+        f"(weights={out}, dims={list(dims)})")
   return tuple(out)

@@ -19,6 +19,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _bounds(dims: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -38,6 +39,9 @@ def prefix_matmul(x: jax.Array, w: jax.Array, dims: Sequence[int]) -> jax.Array:
     x: ``[B, D]``.
     w: ``[D, C]``.
     dims: strictly increasing sizes ``m_1 < ... < m_M <= D`` (static).
+
+  Raises:
+    ValueError: operands that are not ``[B, D]`` and ``[D, C]``, or bad ``dims``.
 
   Returns:
     ``[M, B, C]`` with ``out[i] = x[:, :dims[i]] @ w[:dims[i]]``, accumulated in
@@ -61,6 +65,9 @@ def prefix_matmul_nt(x: jax.Array, y: jax.Array, dims: Sequence[int]) -> jax.Arr
     y: ``[N, D]``.
     dims: strictly increasing sizes ``m_1 < ... < m_M <= D`` (static).
 
+  Raises:
+    ValueError: operands that are not ``[B, D]`` and ``[N, D]``, or bad ``dims``.
+
   Returns:
     ``[M, B, N]`` with ``out[i] = x[:, :dims[i]] @ y[:, :dims[i]].T``.
   """
@@ -70,7 +77,15 @@ def prefix_matmul_nt(x: jax.Array, y: jax.Array, dims: Sequence[int]) -> jax.Arr
 
 def _checked(x, w, dims, w_t: bool) -> tuple[int, ...]:
   """``dims`` as ints after checking the operands' shapes (``w`` is ``[N, D]`` when ``w_t``)."""
+  if isinstance(dims, np.ndarray):
+    dims = dims.tolist()
+  if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims or any(
+      isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1 for m in dims):
+    raise ValueError(f"dims must be a non-empty sequence of positive ints, got {dims!r}")
   dims = tuple(int(m) for m in dims)
+  if any(b <= a for a, b in zip(dims, dims[1:], strict=False)):
+    raise ValueError(f"dims must be strictly increasing (the output follows their order), "
+                     f"got {list(dims)}")
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1 if w_t else 0]:
     want = ("prefix_matmul_nt needs x[B, D] and y[N, D]" if w_t
             else "prefix_matmul needs x[B, D] and w[D, C]")

@@ -92,3 +92,37 @@ def test_heads_reject_too_small_embedding():
     MRLHead(3, (4, 16)).init(jax.random.PRNGKey(0), jnp.ones((2, 8)))
   with pytest.raises(ValueError, match=r"z\[B, D\]"):
     FixedFeatureHead(3, 4).init(jax.random.PRNGKey(0), jnp.ones((2, 3, 8)))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: MRLHead(0, (4, 8)), "num_classes must be a positive int, got 0"),
+    (lambda: MRLHead(3.5, (4, 8)), "num_classes must be a positive int"),
+    (lambda: MRLHead(3, (4, 4)), "distinct, got 4 more than once"),
+    (lambda: MRLHead(3, (0, 4)), "positive ints, got 0"),
+    (lambda: MRLHead(3, (4, 8), dtype=jnp.int32), "floating dtype"),
+    (lambda: FixedFeatureHead(-1, 4), "num_classes must be a positive int"),
+    (lambda: FixedFeatureHead(3, 0), "dim must be a positive int, got 0"),
+])
+def test_heads_refuse_bad_arguments_by_name(make, match):
+  with pytest.raises(ValueError, match=match):
+    make().init(jax.random.PRNGKey(0), jnp.ones((2, 8)))
+
+
+def test_heads_refuse_integer_embeddings_and_take_dims_in_any_order():
+  with pytest.raises(ValueError, match="floating embedding"):
+    MRLHead(3, (4, 8)).init(jax.random.PRNGKey(0), jnp.ones((2, 8), jnp.int32))
+  z = jax.random.normal(jax.random.PRNGKey(0), (3, 8))
+  head = MRLHead(5, (8, 2, 4), tied=True)
+  variables = head.init(jax.random.PRNGKey(1), z)
+  k = np.asarray(variables["params"]["kernel"])
+  want = np.stack([np.asarray(z)[:, :m] @ k[:m] for m in (2, 4, 8)])  # ascending order
+  np.testing.assert_allclose(head.apply(variables, z), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims,match", [
+    ((4, 2), "strictly increasing"), ((2, 2), "strictly increasing"), ((), "non-empty"),
+    ((0, 4), "positive ints"), ((2.0, 4), "positive ints"),
+])
+def test_prefix_matmul_refuses_bad_dims(dims, match):
+  with pytest.raises(ValueError, match=match):
+    prefix_matmul(jnp.ones((2, 4)), jnp.ones((4, 3)), dims)

@@ -69,6 +69,30 @@ def test_bf16_logits_are_stable():
   assert np.all(np.isfinite(grads))
 
 
-def test_weights_shape_is_checked():
-  with pytest.raises(AssertionError):
-    nested_softmax_cross_entropy(jnp.zeros((3, 2, 4)), jnp.array([0, 1]), weights=[1.0, 1.0])
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weights=[1.0, 1.0]), r"weights must have shape \(3,\)"),
+    (dict(weights=[1.0, float("nan"), 1.0]), "weights must be positive and finite"),
+    (dict(weights=[1.0, -1.0, 1.0]), "weights must be positive and finite"),
+    (dict(label_smoothing=1.5), r"label_smoothing must be a number in \[0, 1\), got 1.5"),
+    (dict(label_smoothing=-0.1), r"label_smoothing .* got -0.1"),
+    (dict(label_smoothing=1.0), r"label_smoothing .* got 1.0"),
+    (dict(label_smoothing=float("nan")), r"label_smoothing .* got nan"),
+    (dict(label_smoothing=True), r"label_smoothing .* got True"),
+    (dict(mask=np.ones(3)), r"mask must be \[B\]"),
+])
+def test_bad_arguments_are_refused_by_name(kwargs, match):
+  # Issue 15, kind 3: label_smoothing=1.5 (or -0.1, 1.0) used to return a finite loss.
+  with pytest.raises(ValueError, match=match):
+    nested_softmax_cross_entropy(jnp.zeros((3, 2, 4)), jnp.array([0, 1]), **kwargs)
+
+
+@pytest.mark.parametrize("logits,labels,match", [
+    (np.zeros((2, 4)), np.array([0, 1]), r"logits must be \[M, B, C\]"),
+    (np.zeros((3, 2, 4)), np.array([0, 1, 2]), r"labels must be \[B\] = \[2\]"),
+    (np.zeros((3, 2, 4)), np.array([[0], [1]]), r"labels must be \[B\]"),
+    (np.zeros((3, 2, 4)), np.array([0.0, 1.0]), "labels must be integer"),
+    (np.zeros((3, 2, 4), np.int32), np.array([0, 1]), "logits must be floating"),
+])
+def test_shapes_that_would_broadcast_are_refused(logits, labels, match):
+  with pytest.raises(ValueError, match=match):
+    nested_loss_per_dim(jnp.asarray(logits), jnp.asarray(labels))
