@@ -178,6 +178,7 @@ def test_faiss_flat_agrees_with_jax_and_hnsw_finds_most():
 _SHARDED = textwrap.dedent("""
     import numpy as np, jax
     from mrl_jax.evaluate.index import PrefixIndex
+    from tests.test_evaluate_codes import _numpy_code_cascade
     from tests.test_evaluate_search import SMALL, _brute_force, _data, _numpy_cascade
     assert len(jax.devices()) == 3
     assert PrefixIndex(np.ones((4, 2), np.float32)).shard == "queries"  # CPU default
@@ -194,6 +195,9 @@ _SHARDED = textwrap.dedent("""
         if n > 100:
           _, ids = index.cascade(q, (2, 16), (40, 5))
           np.testing.assert_array_equal(ids, _numpy_cascade(q, x, (2, 16), (40, 5)))
+          for kind in ("binary", "int8"):  # 5-bit codes: ties everywhere, merged across shards
+            _, ids = index.cascade(q, (5, 16), (40, 5), shortlist_codes=kind)
+            np.testing.assert_array_equal(ids, _numpy_code_cascade(q, x, (5, 16), (40, 5), kind))
     print("SHARDED_OK")
 """)
 

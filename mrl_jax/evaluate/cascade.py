@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax.evaluate.codes import refuse_nonfinite
 from mrl_jax.evaluate.index import Array
 
 PAPER_GRID = np.linspace(0.1, 1.0, 100)
@@ -29,8 +30,12 @@ PAPER_GRID = np.linspace(0.1, 1.0, 100)
 def confidences(logits: Array) -> tuple[np.ndarray, np.ndarray]:
   """``(max softmax probability [M, B], argmax class [M, B])`` of nested logits ``[M, B, C]``."""
   logits = jnp.asarray(logits)
-  if logits.ndim != 3:
-    raise ValueError(f"nested logits must be [M, B, C], got shape {logits.shape}")
+  if logits.ndim != 3 or 0 in logits.shape:
+    raise ValueError(f"nested logits must be [M, B, C] with M, B, C >= 1, got shape "
+                     f"{logits.shape}")
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(f"logits must be floating point, got {logits.dtype}")
+  refuse_nonfinite(jnp.moveaxis(logits, 1, 0), "logits (rows = examples)")
   conf, pred = _confidences(logits)
   return np.asarray(conf, np.float64), np.asarray(pred)
 
@@ -58,6 +63,9 @@ def cascade_predict(conf: np.ndarray, pred: np.ndarray,
   if conf.ndim != 2 or conf.shape != pred.shape or thresholds.shape != (conf.shape[0],):
     raise ValueError(f"need conf and pred [M, B] and thresholds [M]; got {conf.shape}, "
                      f"{pred.shape}, {thresholds.shape}")
+  _check_probabilities(conf, "conf")
+  if not np.isfinite(thresholds).all():
+    raise ValueError(f"thresholds must be finite, got {thresholds.tolist()}")
   accept = conf >= thresholds[:, None]
   accept[-1] = True
   stage = np.argmax(accept, axis=0)
@@ -77,9 +85,13 @@ def tune_thresholds(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray,
   """
   conf, pred, labels = np.asarray(conf), np.asarray(pred), np.asarray(labels)
   grid = np.sort(np.asarray(grid, np.float64))
-  if conf.ndim != 2 or labels.shape != (conf.shape[1],) or not grid.size:
-    raise ValueError(f"need conf [M, B], labels [B] and a non-empty grid; got {conf.shape}, "
-                     f"{labels.shape}, {grid.size} grid points")
+  if (conf.ndim != 2 or pred.shape != conf.shape or labels.shape != (conf.shape[1],)
+      or grid.ndim != 1 or not grid.size):
+    raise ValueError(f"need conf and pred [M, B], labels [B] and a non-empty 1-D grid; got "
+                     f"{conf.shape}, {pred.shape}, {labels.shape}, grid {grid.shape}")
+  _check_probabilities(conf, "conf")
+  if not np.isfinite(grid).all():
+    raise ValueError("grid must be finite")
   out = np.zeros(conf.shape[0])
   for i in range(conf.shape[0] - 1):
     take_small = conf[i][None, :] >= grid[:, None]  # [T, B]
@@ -106,6 +118,10 @@ def cascade_report(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray,
   labels = np.asarray(labels)
   if dims.shape != (np.shape(conf)[0],):
     raise ValueError(f"need one dim per stage ({np.shape(conf)[0]}), got {dims.shape}")
+  if not (np.all(dims >= 1) and np.all(np.diff(dims) > 0) and np.all(dims == np.round(dims))):
+    raise ValueError(f"dims must be strictly increasing positive ints, got {dims.tolist()}")
+  if labels.shape != (np.shape(conf)[1],):
+    raise ValueError(f"labels must be [B]={np.shape(conf)[1]}, got {labels.shape}")
   thresholds = np.asarray(thresholds, np.float64)
   capped = []
   for j in range(len(dims)):
@@ -116,3 +132,8 @@ def cascade_report(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray,
   return {"accuracy": capped[-1]["accuracy"], "expected_dim": capped[-1]["expected_dim"],
           "stop_fraction": np.bincount(stage, minlength=len(dims)) / stage.size,
           "capped": capped}
+
+
+def _check_probabilities(conf: np.ndarray, name: str) -> None:
+  if not np.issubdtype(conf.dtype, np.floating) or not np.all((conf >= 0) & (conf <= 1)):
+    raise ValueError(f"{name} must hold probabilities in [0, 1] (no NaN); see confidences()")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax.evaluate.codes import refuse_nonfinite
 from mrl_jax.evaluate.index import Array, PrefixIndex
 
 
@@ -33,14 +34,25 @@ def top_k_accuracy(logits: Array, labels: Array, k: int = 1) -> np.ndarray:
 
   Returns:
     ``[...]`` float64 accuracies (a scalar array for ``[B, C]`` logits).
+
+  Raises:
+    ValueError: for shapes that do not match, non-float or non-finite logits (a NaN
+      logit would otherwise rank the label first), non-integer labels or labels
+      outside ``[0, C)``, or ``k`` not an int in ``[1, C]``.
   """
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
   if logits.ndim < 2 or labels.ndim != 1 or logits.shape[-2] != labels.shape[0]:
     raise ValueError(f"need logits [..., B, C] and labels [B], got {logits.shape} and "
                      f"{labels.shape}")
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(f"logits must be floating point, got {logits.dtype}")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer classes, got {labels.dtype}")
+  if labels.shape[0]:
+    refuse_nonfinite(jnp.moveaxis(logits, -2, 0), "logits (rows = examples)")
   num_classes = logits.shape[-1]
-  if not 1 <= k <= num_classes:
-    raise ValueError(f"k={k} must be in [1, C={num_classes}]")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_classes:
+    raise ValueError(f"k={k!r} must be an int in [1, C={num_classes}]")
   if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
     raise ValueError(f"labels must be in [0, {num_classes})")
   return np.asarray(_top_k_accuracy(logits, labels, k), np.float64)
@@ -62,11 +74,14 @@ def per_dim_accuracy(logits: Array, labels: Array, ks: Sequence[int] = (1, 5)
                      ) -> dict[str, np.ndarray]:
   """``{"top1": [M], "top5": [M], ...}`` from nested logits ``[M, B, C]``.
 
-  ``k`` larger than the number of classes is skipped.
+  ``k`` larger than the number of classes is skipped; each ``k`` must be a positive int.
   """
   logits = jnp.asarray(logits)
   if logits.ndim != 3:
     raise ValueError(f"nested logits must be [M, B, C], got shape {logits.shape}")
+  if isinstance(ks, (str, bytes)) or any(
+      isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+    raise ValueError(f"ks must be positive ints, got {ks!r}")
   return {f"top{k}": top_k_accuracy(logits, labels, k) for k in ks if k <= logits.shape[-1]}
 
 
@@ -86,6 +101,10 @@ def nearest_neighbor_accuracy(train_embeddings: Array | PrefixIndex, train_label
   index = train_embeddings if isinstance(train_embeddings, PrefixIndex) else PrefixIndex(
       train_embeddings)
   train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+  if not (np.issubdtype(train_labels.dtype, np.integer)
+          and np.issubdtype(test_labels.dtype, np.integer)):
+    raise ValueError(f"labels must be integer classes, got {train_labels.dtype} and "
+                     f"{test_labels.dtype}")
   if train_labels.shape != (index.n,) or test_labels.shape != (np.shape(test_embeddings)[0],):
     raise ValueError(f"labels must be [N]={index.n} and [Q]={np.shape(test_embeddings)[0]}, "
                      f"got {train_labels.shape} and {test_labels.shape}")

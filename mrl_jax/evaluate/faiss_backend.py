@@ -8,6 +8,11 @@ inner product (= cosine similarity):
   ties.
 * ``"hnsw"``: ``faiss.IndexHNSWFlat(dim, M, METRIC_INNER_PRODUCT)``, approximate;
   ``efSearch`` defaults to ``max(2 * k, 64)``.
+* binary codes (``codes="binary"``): ``faiss.IndexBinaryFlat(8 * ceil(dim / 8))``
+  over the packed sign bits of :meth:`PrefixIndex.codes` (the unused low bits of the
+  last byte are 0 on both sides, so the Hamming distance is that of the ``dim``
+  bits), exact. Its results are re-ordered by (distance, id) and reported as the
+  ``+-1`` inner product ``dim - 2 * hamming``, as the JAX kernel does.
 
 Built FAISS indexes are cached on the :class:`~mrl_jax.evaluate.index.PrefixIndex`.
 """
@@ -19,7 +24,8 @@ import importlib
 import jax
 import numpy as np
 
-from mrl_jax.evaluate.index import PrefixIndex, normalize_prefix
+from mrl_jax.evaluate import codes as codes_lib
+from mrl_jax.evaluate.index import PrefixIndex, check_queries, normalize_prefix
 
 KINDS = ("flat", "hnsw")
 
@@ -33,11 +39,29 @@ def import_faiss():
                       "(or faiss-cpu)") from e
 
 
+def get_binary_index(index: PrefixIndex, dim: int):
+  """``faiss.IndexBinaryFlat`` over the binary codes of the ``dim``-prefixes (cached)."""
+  key = ("binary-flat", int(dim))
+  if key not in index.faiss_indexes:
+    faiss = import_faiss()
+    codes = np.ascontiguousarray(np.asarray(index.codes("binary", dim))[:index.n], np.uint8)
+    fi = faiss.IndexBinaryFlat(8 * codes.shape[1])
+    fi.add(codes)
+    index.faiss_indexes[key] = fi
+  return index.faiss_indexes[key]
+
+
 def get_index(index: PrefixIndex, dim: int, kind: str = "flat", *, hnsw_m: int = 32,
               ef_construction: int = 80):
   """The FAISS index over the normalised ``dim``-prefixes of ``index``'s rows (cached)."""
   if kind not in KINDS:
     raise ValueError(f"faiss index kind must be one of {KINDS}, got {kind!r}")
+  if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not (
+      1 <= dim <= index.embed_dim):
+    raise ValueError(f"dim must be an int in [1, {index.embed_dim}], got {dim!r}")
+  for name, v in (("hnsw_m", hnsw_m), ("ef_construction", ef_construction)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 2:
+      raise ValueError(f"{name} must be an int >= 2, got {v!r}")
   key = (kind, dim, hnsw_m, ef_construction) if kind == "hnsw" else (kind, dim)
   if key not in index.faiss_indexes:
     faiss = import_faiss()
@@ -56,21 +80,42 @@ def get_index(index: PrefixIndex, dim: int, kind: str = "flat", *, hnsw_m: int =
 
 
 def search(index: PrefixIndex, queries, dim: int, k: int, kind: str = "flat", *,
-           hnsw_m: int = 32, ef_construction: int = 80,
-           ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Top-``k`` by cosine similarity of the ``dim``-prefixes, with FAISS.
+           hnsw_m: int = 32, ef_construction: int = 80, ef_search: int | None = None,
+           codes: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Top-``k`` by cosine similarity of the ``dim``-prefixes (or Hamming distance of their
+  binary codes), with FAISS.
 
   Args:
     index: the database.
-    queries: ``[Q, Dq]``, ``Dq >= dim``; truncated and normalised here.
+    queries: ``[Q, Dq]`` float, ``Dq >= dim``; truncated and normalised here.
     dim: prefix size; k: results per query (``<= N``).
     kind: ``"flat"`` or ``"hnsw"``; the other arguments tune HNSW.
+    codes: ``None`` (float vectors) or ``"binary"`` (``IndexBinaryFlat``; ``kind``
+      must be ``"flat"``).
 
   Returns:
-    ``(scores [Q, k] float32, ids [Q, k] int32)``, best first.
+    ``(scores [Q, k] float32, ids [Q, k] int32)``, best first; for binary codes the
+    scores are ``dim - 2 * hamming``, ties by increasing id.
+
+  Raises:
+    ValueError: for ``k`` outside ``[1, N]``, an unknown ``kind`` or ``codes``, or
+      queries that are not finite ``[Q, Dq]`` floats.
   """
-  if not 1 <= k <= index.n:
-    raise ValueError(f"k={k} must be in [1, N={index.n}]")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= index.n:
+    raise ValueError(f"k={k!r} must be an int in [1, N={index.n}]")
+  if codes is not None:
+    if codes != "binary" or kind != "flat":
+      raise ValueError(f"FAISS searches binary codes with IndexBinaryFlat only (codes='binary',"
+                       f" kind='flat'), got codes={codes!r}, kind={kind!r}")
+    queries = check_queries(queries, dim)
+    fi = get_binary_index(index, dim)
+    q = np.ascontiguousarray(np.asarray(codes_lib.quantize_embeddings(
+        normalize_prefix(np.asarray(queries, np.float32), dim), "binary")), np.uint8)
+    dist, ids = fi.search(q, k)
+    order = np.lexsort((ids, dist), axis=-1)  # by distance, then id
+    dist, ids = np.take_along_axis(dist, order, -1), np.take_along_axis(ids, order, -1)
+    return (dim - 2.0 * dist).astype(np.float32), ids.astype(np.int32)
+  queries = check_queries(queries, dim)
   fi = get_index(index, dim, kind, hnsw_m=hnsw_m, ef_construction=ef_construction)
   if kind == "hnsw":
     fi.hnsw.efSearch = max(2 * k, 64) if ef_search is None else ef_search

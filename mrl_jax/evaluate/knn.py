@@ -1,8 +1,20 @@
-"""Exact top-k inner-product search kernels in JAX (one device's share of the work).
+"""Exact top-k search kernels in JAX (one device's share of the work).
 
-Scores are inner products ``s[q, n] = <queries[q], database[n, :dim]> * scale[n]``;
-with L2-normalised queries and ``scale[n] = 1 / ||database[n, :dim]||`` (or a
-database that is already normalised, ``scale=None``) they are cosine similarities.
+Three kinds of score (``kind``), larger is better:
+
+* ``"float"``: inner products ``s[q, n] = <queries[q], database[n, :dim]> * scale[n]``;
+  with L2-normalised queries and ``scale[n] = 1 / ||database[n, :dim]||`` (or a
+  database that is already normalised, ``scale=None``) they are cosine similarities.
+* ``"hamming"``: ``s[q, n] = -popcount(queries[q] XOR database[n])`` summed over the
+  ``dim`` words of packed sign bits (unsigned integer lanes, see
+  :mod:`mrl_jax.evaluate.codes`): minus the Hamming distance.
+* ``"int8"``: ``s[q, n] = <queries[q], database[n, :dim]>`` of int8 codes. The
+  products are formed in float32, which is exact while every partial sum stays below
+  ``2**24`` in magnitude (always true for ``dim <= 1040``, and for codes of unit
+  vectors at any size; :mod:`mrl_jax.evaluate.codes` checks it).
+
+Code scores are small integers held exactly in float32, so they share the float
+machinery below (``lax.top_k`` on integers is a slow sort on CPU).
 
 Top-k selection is the expensive part of a low-dimensional scan (a 16-d score costs
 16 multiply-adds; a heap or ``lax.top_k`` over every score costs more). So the scan is
@@ -17,9 +29,12 @@ done in two passes, and the full ``[Q, N]`` score matrix never materialises:
    ``k`` such groups). Only those ``k * group`` rows are scored again, and
    ``lax.top_k`` over them gives the answer.
 
-The result is exact: the ``k`` largest scores and their ids. Among exactly equal
-scores the order is deterministic but not necessarily by id, and two scores that
-differ only by float rounding between the two passes may swap.
+The result is exact: the ``k`` largest scores and their ids, ranked by decreasing
+score and, among equal scores, by increasing id (the smaller id wins). The tie rule
+holds because groups are consecutive ids and ``lax.top_k`` puts the lower index first
+among equal values: the chosen groups are put back in id order before pass 2. (With
+float scores, two values that differ only by rounding between the passes may swap;
+code scores are exact integers.)
 
 The last block is shifted back to end at row ``N`` (``dynamic_slice`` semantics) and
 the rows it shares with the previous block are masked, so no padding copy of the
@@ -33,6 +48,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+KINDS = ("float", "hamming", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,17 +93,38 @@ def block_plan(n: int, block: int, group: int) -> BlockPlan:
   return BlockPlan(n=n, group=g, block=nb, num_blocks=-(-n // nb))
 
 
-def _block_scores(q, db, scale, start, plan: BlockPlan, dim: int):
+def cross_scores(q: jax.Array, rows: jax.Array, kind: str = "float") -> jax.Array:
+  """``[Qb, W] x [R, W] -> [Qb, R]`` float32 scores of one ``kind`` (module docstring)."""
+  if kind == "hamming":
+    bits = jax.lax.population_count(q[:, None, :] ^ rows[None, :, :]).astype(jnp.int32)
+    return (-jnp.sum(bits, axis=-1)).astype(jnp.float32)
+  if kind == "int8":
+    return jnp.dot(q.astype(jnp.float32), rows.astype(jnp.float32).T)
+  return jnp.dot(q, rows.T, preferred_element_type=jnp.float32)
+
+
+def batched_scores(q: jax.Array, rows: jax.Array, kind: str = "float") -> jax.Array:
+  """``[B, W] x [B, ..., W] -> [B, ...]``: each query against its own rows."""
+  if kind == "hamming":
+    qb = q.reshape(q.shape[:1] + (1,) * (rows.ndim - 2) + q.shape[1:])
+    bits = jax.lax.population_count(rows ^ qb).astype(jnp.int32)
+    return (-jnp.sum(bits, axis=-1)).astype(jnp.float32)
+  if kind == "int8":
+    q, rows = q.astype(jnp.float32), rows.astype(jnp.float32)
+  return jnp.einsum("q...d,qd->q...", rows, q, preferred_element_type=jnp.float32)
+
+
+def _block_scores(q, db, scale, start, plan: BlockPlan, dim: int, kind: str):
   """Scores ``[Qb, block]`` of the queries against rows ``start : start + block``."""
   blk = jax.lax.dynamic_slice(db, (start, 0), (plan.block, dim))
-  s = jnp.dot(q, blk.T, preferred_element_type=jnp.float32)
+  s = cross_scores(q, blk, kind)
   if scale is not None:
     s = s * jax.lax.dynamic_slice(scale, (start,), (plan.block,))[None, :]
   return s
 
 
 def group_maxima(q: jax.Array, db: jax.Array, scale: jax.Array | None, n_valid: jax.Array,
-                 plan: BlockPlan, dim: int) -> jax.Array:
+                 plan: BlockPlan, dim: int, kind: str = "float") -> jax.Array:
   """Pass 1: the best score in every group of ``plan.group`` rows.
 
   Args:
@@ -97,6 +135,7 @@ def group_maxima(q: jax.Array, db: jax.Array, scale: jax.Array | None, n_valid: 
       all lie in the last block (padding of fewer than ``plan.block`` rows).
     plan: the block plan for ``n`` rows.
     dim: how many leading columns to use.
+    kind: ``"float"``, ``"hamming"`` or ``"int8"`` (module docstring).
 
   Returns:
     ``[Qb, plan.num_groups]``; group ``i`` covers block ``i // groups_per_block``.
@@ -105,7 +144,7 @@ def group_maxima(q: jax.Array, db: jax.Array, scale: jax.Array | None, n_valid: 
   reduce = lambda s: s.reshape(qb, plan.groups_per_block, plan.group).max(axis=-1)
 
   def body(b, _):
-    return b + 1, reduce(_block_scores(q, db, scale, b * plan.block, plan, dim))
+    return b + 1, reduce(_block_scores(q, db, scale, b * plan.block, plan, dim, kind))
 
   # The last block is the only one that can overlap its neighbour or hold padding,
   # so it alone pays for the mask.
@@ -113,7 +152,8 @@ def group_maxima(q: jax.Array, db: jax.Array, scale: jax.Array | None, n_valid: 
   start = plan.n - plan.block
   rows = start + jnp.arange(plan.block)
   ok = (rows >= nominal) & (rows < n_valid)
-  last = reduce(jnp.where(ok[None, :], _block_scores(q, db, scale, start, plan, dim), -jnp.inf))
+  last = reduce(jnp.where(ok[None, :], _block_scores(q, db, scale, start, plan, dim, kind),
+                          -jnp.inf))
   if plan.num_blocks == 1:
     return last
   _, head = jax.lax.scan(body, 0, None, length=plan.num_blocks - 1)  # [blocks - 1, Qb, gpb]
@@ -121,13 +161,13 @@ def group_maxima(q: jax.Array, db: jax.Array, scale: jax.Array | None, n_valid: 
 
 
 def rescore_groups(q: jax.Array, db: jax.Array, scale: jax.Array | None, n_valid: jax.Array,
-                   groups: jax.Array, plan: BlockPlan, dim: int,
-                   sub_batch: int) -> tuple[jax.Array, jax.Array]:
+                   groups: jax.Array, plan: BlockPlan, dim: int, sub_batch: int,
+                   kind: str = "float") -> tuple[jax.Array, jax.Array]:
   """Pass 2: score every row of the chosen groups.
 
   Args:
     q: ``[Qb, dim]``, ``Qb`` a multiple of ``sub_batch``.
-    db, scale, n_valid, plan, dim: as in :func:`group_maxima`.
+    db, scale, n_valid, plan, dim, kind: as in :func:`group_maxima`.
     groups: ``[Qb, G]`` group indices.
     sub_batch: queries whose ``[sub_batch, G, group, dim]`` rows are gathered at once.
 
@@ -143,7 +183,7 @@ def rescore_groups(q: jax.Array, db: jax.Array, scale: jax.Array | None, n_valid
   def score(args):
     qs, fs = args
     cand = jax.vmap(jax.vmap(take))(fs)  # [sub_batch, G, group, dim]
-    return jnp.einsum("qgrd,qd->qgr", cand, qs, preferred_element_type=jnp.float32)
+    return batched_scores(qs, cand, kind)
 
   s = _map_sub_batches(score, (q, first), sub_batch)
   if scale is not None:
@@ -169,28 +209,43 @@ def _map_sub_batches(fn, args: tuple[jax.Array, ...], sub_batch: int) -> jax.Arr
 
 
 def local_top_k(q: jax.Array, db: jax.Array, scale: jax.Array | None, n_valid: jax.Array,
-                k: int, plan: BlockPlan, dim: int,
-                sub_batch: int = 8) -> tuple[jax.Array, jax.Array]:
-  """Exact top ``k`` rows of one device's database.
+                k: int, plan: BlockPlan, dim: int, sub_batch: int = 8,
+                kind: str = "float") -> tuple[jax.Array, jax.Array]:
+  """Exact top ``k`` rows of one device's database (ties: the smaller id first).
 
   Args:
     q: ``[Qb, dim]``; db ``[n, D]``; scale ``[n]`` or ``None``; n_valid scalar.
     k: how many rows to return, ``<= n_valid`` (else the tail scores ``-inf``).
     sub_batch: see :func:`rescore_groups`.
+    kind: ``"float"``, ``"hamming"`` or ``"int8"`` (module docstring).
 
   Returns:
-    ``(scores [Qb, k], ids [Qb, k])`` sorted by decreasing score; ids are local rows.
+    ``(scores [Qb, k], ids [Qb, k])`` sorted by decreasing score, then increasing id;
+    ids are local rows.
   """
-  maxima = group_maxima(q, db, scale, n_valid, plan, dim)
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  maxima = group_maxima(q, db, scale, n_valid, plan, dim, kind)
   if plan.group == 1:
     scores, ids = jax.lax.top_k(maxima, k)
     block_of = ids // plan.block
     start = jnp.minimum(block_of * plan.block, plan.n - plan.block)
     return scores, start + ids % plan.block
   _, groups = jax.lax.top_k(maxima, min(k, plan.num_groups))
-  s, rows = rescore_groups(q, db, scale, n_valid, groups, plan, dim, sub_batch)
+  groups = ascending(groups)  # id order, so that top_k's tie rule is "smaller id first"
+  s, rows = rescore_groups(q, db, scale, n_valid, groups, plan, dim, sub_batch, kind)
   scores, pos = jax.lax.top_k(s, k)
   return scores, jnp.take_along_axis(rows, pos, axis=-1)
+
+
+def ascending(x: jax.Array) -> jax.Array:
+  """Sort the last axis of small non-negative ints ``< 2**24`` (exact in float32).
+
+  ``lax.top_k`` over float32 is a fast partial sort on CPU, where ``jnp.sort`` and
+  integer ``top_k`` are slow general sorts.
+  """
+  neg, _ = jax.lax.top_k(-x.astype(jnp.float32), x.shape[-1])
+  return (-neg).astype(x.dtype)
 
 
 def gather_scores(q: jax.Array, db: jax.Array, scale: jax.Array | None, ids: jax.Array,

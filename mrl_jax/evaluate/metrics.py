@@ -48,6 +48,9 @@ def relevance(neighbors: np.ndarray, database_labels: np.ndarray,
 def count_relevant(database_labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
   """``R_q``: how many database items share each query's label. ``[Q]`` int."""
   db, qs = np.asarray(database_labels), np.asarray(query_labels)
+  if db.ndim != 1 or qs.ndim != 1:
+    raise ValueError(f"need database_labels [N] and query_labels [Q], got {db.shape} and "
+                     f"{qs.shape}")
   classes, counts = np.unique(db, return_counts=True)
   pos = np.clip(np.searchsorted(classes, qs), 0, len(classes) - 1)
   return np.where(classes[pos] == qs, counts[pos], 0)
@@ -56,6 +59,9 @@ def count_relevant(database_labels: np.ndarray, query_labels: np.ndarray) -> np.
 def _check_k(rel: np.ndarray, k: int) -> None:
   if rel.ndim != 2:
     raise ValueError(f"relevance must be [Q, K], got shape {rel.shape}")
+  if rel.dtype != np.bool_ and not (np.issubdtype(rel.dtype, np.number)
+                                    and np.all((rel == 0) | (rel == 1))):
+    raise ValueError(f"relevance must be bool (or 0/1), got dtype {rel.dtype}")
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"k must be a positive int, got {k!r}")
   if k > rel.shape[1]:
@@ -87,9 +93,7 @@ def recall_at_k(rel: np.ndarray, k: int, num_relevant: np.ndarray) -> float:
     num_relevant: ``[Q]`` ``R_q`` (:func:`count_relevant`).
   """
   _check_k(rel, k)
-  num_relevant = np.asarray(num_relevant)
-  if num_relevant.shape != (rel.shape[0],):
-    raise ValueError(f"num_relevant must be [Q]={rel.shape[0]}, got {num_relevant.shape}")
+  num_relevant = _check_num_relevant(num_relevant, rel)
   keep = num_relevant > 0
   if not keep.any():
     return float("nan")
@@ -124,8 +128,40 @@ def average_precision_at_k(rel: np.ndarray, k: int, *, denominator: str = "k",
   else:
     if num_relevant is None:
       raise ValueError("denominator='relevant' needs num_relevant")
-    den = np.minimum(k, np.asarray(num_relevant)).astype(np.float64)
+    den = np.minimum(k, _check_num_relevant(num_relevant, rel)).astype(np.float64)
   return np.where(den > 0, total / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _check_num_relevant(num_relevant, rel: np.ndarray) -> np.ndarray:
+  num_relevant = np.asarray(num_relevant)
+  if num_relevant.shape != (rel.shape[0],):
+    raise ValueError(f"num_relevant must be [Q]={rel.shape[0]}, got {num_relevant.shape}")
+  if not np.issubdtype(num_relevant.dtype, np.integer) or (num_relevant < 0).any():
+    raise ValueError("num_relevant must hold non-negative ints (count_relevant)")
+  return num_relevant
+
+
+def overlap_at_k(ids: np.ndarray, reference_ids: np.ndarray, k: int) -> float:
+  """Recall@k against a reference ranking (e.g. exact search): the mean over queries of
+  ``|ids[q, :k] ∩ reference_ids[q, :k]| / k``.
+
+  The usual quality figure of an approximate or cascaded search: 1.0 when it finds
+  every one of the reference's top ``k``. Needs no labels.
+
+  Args:
+    ids: ``[Q, K]`` database ids, best first, ``K >= k``.
+    reference_ids: ``[Q, K']`` ids of the reference search, ``K' >= k``.
+    k: cut-off, a positive int.
+  """
+  ids, ref = np.asarray(ids), np.asarray(reference_ids)
+  if ids.ndim != 2 or ref.ndim != 2 or ids.shape[0] != ref.shape[0]:
+    raise ValueError(f"need ids [Q, K] and reference_ids [Q, K'], got {ids.shape} and "
+                     f"{ref.shape}")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (
+      1 <= k <= min(ids.shape[1], ref.shape[1])):
+    raise ValueError(f"k must be an int in [1, {min(ids.shape[1], ref.shape[1])}], got {k!r}")
+  found = [len(np.intersect1d(a[:k], b[:k])) for a, b in zip(ids, ref, strict=True)]
+  return float(np.mean(found)) / k
 
 
 def map_at_k(rel: np.ndarray, k: int, *, denominator: str = "k",
@@ -149,6 +185,8 @@ def retrieval_metrics(neighbors: np.ndarray, database_labels: np.ndarray,
   Returns:
     ``{"1nn": ..., "precision@k": ..., "recall@k": ..., "map@k": ...}`` (fractions).
   """
+  if isinstance(ks, (str, bytes)):
+    raise ValueError(f"ks must be positive ints, got {ks!r}")
   rel = relevance(neighbors, database_labels, query_labels)
   num_rel = count_relevant(database_labels, query_labels)
   out = {"1nn": one_nn_accuracy(rel)}
