@@ -122,7 +122,7 @@ def test_shared_config_errors_name_the_field_and_dims_come_in_any_order(digits_d
     assert config.nesting.dims == (4, 8, 16) and config.nesting.weights == (1.0, 2.0, 3.0)
   bad = [({"learning_rate": -1.0}, "learning_rate"), ({"warmup_steps": -3}, "warmup_steps"),
          ({"weight_decay": -0.1}, "weight_decay"), ({"num_train_steps": 0}, "num_train_steps"),
-         ({"max_to_keep": 0}, "max_to_keep"), ({"task": "nope"}, "config.task='nope'"),
+         ({"max_to_keep": 0}, "max_to_keep"),
          ({"nesting": {"dims": (4, 4, 8)}}, "nesting"),
          ({"nesting": {"dims": (4, 8, 16), "weights": (1.0, float("nan"), 1.0)}}, "nan"),
          ({"nesting": {"dims": (4, 64)}}, "larger than the embedding")]
@@ -130,6 +130,10 @@ def test_shared_config_errors_name_the_field_and_dims_come_in_any_order(digits_d
     for overrides, match in bad:
       with pytest.raises(ValueError, match=match):
         config_lib.validate_config(tiny(task, digits_dir, **overrides))
+  config = tiny("pairs", digits_dir)
+  config.task = "nope"
+  with pytest.raises(ValueError, match=r"config.task='nope'; choose one of \['adaptor', "):
+    config_lib.validate_config(config)
 
 
 def test_checkpoint_of_another_model_or_a_finished_workdir_is_reported(digits_dir, tmp_path):

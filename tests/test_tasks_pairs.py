@@ -34,7 +34,7 @@ def test_fused_loss_equals_the_unfused_matryoshka_wrapper(tmp_path):
                                        batch[col]["attention_mask"])
   anchors, positives = embed("anchor"), embed("positive")
   want = matryoshka(lambda a, p: in_batch_softmax(a, p, scale=20.0), (8, 16, 32),
-                    (1.0, 2.0, 0.5))(anchors, positives)
+                    (1.0, 2.0, 0.5), embedding_args=(0, 1))(anchors, positives)
   loss, (_, metrics) = jax.jit(task.loss_and_metrics)(params, {}, batch, jax.random.PRNGKey(1))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   per_dim = [in_batch_softmax(anchors[:, :m], positives[:, :m], scale=20.0) for m in (8, 16, 32)]

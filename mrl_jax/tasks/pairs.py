@@ -356,7 +356,7 @@ def make_pair_loss(config: ml_collections.ConfigDict, dims: tuple[int, ...]):
 
     return fused
   if config.loss == "matryoshka":
-    nested = matryoshka(base_loss, dims, weights, n_dims_per_step=k)
+    nested = matryoshka(base_loss, dims, weights, n_dims_per_step=k, embedding_args=(0, 1, 2))
 
     def unfused(anchors, positives, negatives=None, *, rng):
       args = (anchors, positives) if negatives is None else (anchors, positives, negatives)
@@ -364,4 +364,4 @@ def make_pair_loss(config: ml_collections.ConfigDict, dims: tuple[int, ...]):
 
     return unfused
   return matryoshka_2d(base_loss, dims, weights, n_dims_per_step=k,
-                       n_layers_per_step=config.n_layers_per_step)
+                       n_layers_per_step=config.n_layers_per_step, embedding_args=(0, 1))
