@@ -1,9 +1,10 @@
 """Loss + gradient time of the nested in-batch softmax: fused vs unfused vs plain.
 
-  python benchmarks/nested_loss.py [--batch 256] [--rounds 100]
+  python benchmarks/nested_loss.py [--batch 256] [--rounds 100] [--negatives K]
 
-For each setting it times ``jax.value_and_grad`` (w.r.t. anchors and positives)
-of three jitted losses on random embeddings:
+For each setting it times ``jax.value_and_grad`` (w.r.t. anchors and positives,
+and the ``[B, K, D]`` hard negatives with ``--negatives K``) of three jitted
+losses on random embeddings:
 
 * ``plain``: :func:`mrl_jax.losses.in_batch_softmax` at the full size ``D``;
 * ``unfused``: ``matryoshka(in_batch_softmax, dims)``, one similarity matmul per size;
@@ -42,7 +43,7 @@ def _variants(dims):
   return {
       "plain": losses.in_batch_softmax,
       "unfused": unfused,
-      "fused": lambda a, p: losses.nested_in_batch_softmax(a, p, dims),
+      "fused": lambda a, p, n=None: losses.nested_in_batch_softmax(a, p, dims, negatives=n),
   }
 
 
@@ -61,13 +62,16 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--rounds", type=int, default=100)
+  parser.add_argument("--negatives", type=int, default=0, help="hard negatives per row")
   flags = parser.parse_args()
-  print(f"{device_line()}, batch {flags.batch}")
+  print(f"{device_line()}, batch {flags.batch}, {flags.negatives} hard negatives per row")
   for title, embed_dim, dims in SETTINGS:
     rng = np.random.default_rng(0)
-    args = tuple(jnp.asarray(rng.normal(size=(flags.batch, embed_dim)), jnp.float32)
-                 for _ in range(2))
-    fns = {name: jax.jit(jax.value_and_grad(fn, (0, 1)))
+    shapes = [(flags.batch, embed_dim)] * 2
+    if flags.negatives:
+      shapes.append((flags.batch, flags.negatives, embed_dim))
+    args = tuple(jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes)
+    fns = {name: jax.jit(jax.value_and_grad(fn, tuple(range(len(args)))))
            for name, fn in _variants(dims).items()}
     values = {name: float(fn(*args)[0]) for name, fn in fns.items()}  # compile + warm up
     if not np.isclose(values["fused"], values["unfused"], rtol=1e-5):
