@@ -251,7 +251,7 @@ class Encoder:
     if x.shape[1:] != self.input_shape:
       raise ValueError(f"inputs must have shape [B, {', '.join(map(str, self.input_shape))}], "
                        f"got {x.shape}")
-    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    bad = ~np.isfinite(x.reshape(len(x), int(np.prod(x.shape[1:])))).all(axis=1)
     if bad.any():
       raise ValueError(f"inputs hold NaN or inf in rows {np.flatnonzero(bad)[:10].tolist()}")
     return x.astype(np.float32)

@@ -17,7 +17,7 @@ def test_demo_writes_the_table_json_and_plot(digits_dir, tmp_path):
   with open(tmp_path / "results.json") as f:
     assert json.load(f) == results
   # The exported MRL encoder and the nested evaluation of its embedding.
-  assert (tmp_path / "mrl" / "encoder" / "encoder.json").exists()
+  assert (tmp_path / "mrl" / "encoder" / "mrl_jax.json").exists()
   assert [row["dim"] for row in evaluation["per_dim"]] == [4, 16]
   assert (tmp_path / "mrl" / "eval" / "metrics.json").exists()
   assert evaluation["per_dim"][-1]["1nn"] > 0.5 and "cascade" in evaluation

@@ -50,8 +50,6 @@ class ClassificationTask(base.Task):
       if config.ff_dim > nesting.embed_dim:
         raise ValueError(f"config.ff_dim={config.ff_dim} is larger than "
                          f"config.encoder.embed_dim={nesting.embed_dim}")
-    elif config.ff_dim is not None:
-      raise ValueError(f"config.ff_dim={config.ff_dim} is only read with config.head='ff'")
     config_lib.probability(config.label_smoothing, "label_smoothing")
     config_lib.positive_int(config.shuffle_buffer, "shuffle_buffer")
     for name in ("dataset", "train_split", "eval_split"):
