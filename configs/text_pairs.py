@@ -52,7 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.01
   config.schedule = "warmup_linear"
   config.warmup_steps = 10
-  config.batch_size = 16
+  config.batch_size = 16  # global; contrastive training wants it large: see mini_batch_size
+  # GradCache: embed the batch in chunks of this many rows (None: all at once); same loss and
+  # gradients, activation memory of one chunk.
+  config.mini_batch_size = placeholder(int)
   config.num_train_steps = 60
 
   # Bookkeeping.

@@ -98,3 +98,22 @@ def test_bad_text_configs_name_the_field(tmp_path):
       config_lib.validate_config(tiny_text_config(**overrides))
   with pytest.raises(ValueError, match="does not divide"):
     config_lib.validate_config(tiny_text_config(batch_size=15), num_devices=2)
+
+
+def test_cached_step_equals_the_full_batch_step_with_hard_negatives(tmp_path):
+  from conftest import REPO
+
+  negatives = os.path.join(REPO, "examples", "text", "train_hard_negatives.jsonl")
+  full = _task(tmp_path / "a", train_file=negatives, batch_size=8, symmetric=True)
+  cached = _task(tmp_path / "b", train_file=negatives, batch_size=8, symmetric=True,
+                 mini_batch_size=2)
+  params = full.init_variables(jax.random.PRNGKey(0))["params"]
+  batch = jax.tree.map(jnp.asarray, next(full.train_batches(0)))
+  assert batch["negative"]["input_ids"].ndim == 3
+  rng = jax.random.PRNGKey(3)
+  (want, (_, want_m)), want_g = jax.jit(full.value_and_grad)(params, {}, batch, rng)
+  (got, (_, got_m)), got_g = jax.jit(cached.value_and_grad)(params, {}, batch, rng)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got_m["loss_per_dim"], want_m["loss_per_dim"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got_g, want_g)

@@ -43,6 +43,7 @@ from mrl_jax.data.text import (
 )
 from mrl_jax.evaluate.text import evaluate_text
 from mrl_jax.losses import (
+    cached_value_and_grad,
     in_batch_softmax,
     matryoshka,
     matryoshka_2d,
@@ -122,6 +123,14 @@ class PairsTask(base.Task):
           for w in weights):
         raise ValueError(f"config.train_weights={config.train_weights!r} must be one positive "
                          f"number per train file ({len(files)})")
+    if config.mini_batch_size is not None:
+      mb = config_lib.positive_int(config.mini_batch_size, "mini_batch_size")
+      if config.batch_size % mb:
+        raise ValueError(f"config.mini_batch_size={mb} must divide config.batch_size="
+                         f"{config.batch_size}")
+      if config.loss == "2d":
+        raise ValueError("config.mini_batch_size (cached loss) works with config.loss "
+                         "'fused' or 'matryoshka', not '2d'")
     if config.loss == "2d" and config.symmetric:
       raise ValueError("config.symmetric=True is not available with config.loss='2d'")
     if config.model_dir is not None:
@@ -219,6 +228,30 @@ class PairsTask(base.Task):
   def pretrained_variables(self) -> base.Variables | None:
     return self._pretrained
 
+  def _embed(self, params, tokens, rng, *, all_layers=False):
+    """Every text of ``tokens`` (``{key: [N, T]}``) to pooled embeddings ``[N, D]``."""
+    return self.model.apply({"params": params}, *(tokens[k] for k in _TOKEN_KEYS), train=True,
+                            all_layers=all_layers, rngs={"dropout": rng})
+
+  @staticmethod
+  def _joined(batch) -> dict[str, jax.Array]:
+    """Anchors, positives, then the flattened negatives: ``{key: [B (2 + K), T]}``."""
+    parts = [batch["anchor"], batch["positive"]]
+    if "negative" in batch:
+      parts.append(jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch["negative"]))
+    return {k: jnp.concatenate([p[k] for p in parts]) for k in _TOKEN_KEYS}
+
+  def _split_loss(self, pooled, size, has_negatives, loss_rng):
+    """The training loss and per-dim metrics of the joined pooled embeddings ``[B (2+K), D]``."""
+    negatives = pooled[2 * size:].reshape(size, -1, pooled.shape[-1]) if has_negatives else None
+    loss = self._loss(pooled[:size], pooled[size:2 * size], negatives, rng=loss_rng)
+    stopped = jax.lax.stop_gradient(pooled)
+    per_dim = nested_in_batch_softmax_per_dim(
+        stopped[:size], stopped[size:2 * size], self.dims, scale=self.config.scale,
+        negatives=None if negatives is None else jax.lax.stop_gradient(negatives),
+        symmetric=self.config.symmetric)
+    return loss, {"loss_per_dim": per_dim}
+
   def loss_and_metrics(self, params, model_state, batch, rng):
     """In-batch softmax over anchors, positives and (optional) hard negatives ``[B, K, T]``.
 
@@ -228,26 +261,35 @@ class PairsTask(base.Task):
     """
     dropout_rng, loss_rng = jax.random.split(rng)
     size = batch["anchor"]["input_ids"].shape[0]
-    all_layers = self.config.loss == "2d"
-    parts = [batch["anchor"], batch["positive"]]
-    if "negative" in batch:
-      parts.append(jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch["negative"]))
-    joined = [jnp.concatenate([p[k] for p in parts]) for k in _TOKEN_KEYS]
-    out = self.model.apply({"params": params}, *joined, train=True, all_layers=all_layers,
-                           rngs={"dropout": dropout_rng})
-    pooled, layers = out if all_layers else (out, None)
-    negatives = (pooled[2 * size:].reshape(size, -1, pooled.shape[-1])
-                 if "negative" in batch else None)
-    if all_layers:
+    if self.config.loss == "2d":
+      pooled, layers = self._embed(params, self._joined(batch), dropout_rng, all_layers=True)
       loss = self._loss(layers[:, :size], layers[:, size:2 * size], rng=loss_rng)
-    else:
-      loss = self._loss(pooled[:size], pooled[size:2 * size], negatives, rng=loss_rng)
-    pooled = jax.lax.stop_gradient(pooled)
-    per_dim = nested_in_batch_softmax_per_dim(
-        pooled[:size], pooled[size:2 * size], self.dims, scale=self.config.scale,
-        negatives=None if negatives is None else jax.lax.stop_gradient(negatives),
-        symmetric=self.config.symmetric)
-    return loss, (model_state, {"loss_per_dim": per_dim})
+      _, metrics = self._split_loss(pooled, size, "negative" in batch, loss_rng)
+      return loss, (model_state, metrics)
+    pooled = self._embed(params, self._joined(batch), dropout_rng)
+    loss, metrics = self._split_loss(pooled, size, "negative" in batch, loss_rng)
+    return loss, (model_state, metrics)
+
+  def value_and_grad(self, params, model_state, batch, rng):
+    """With ``config.mini_batch_size``: GradCache (:func:`~mrl_jax.losses.cached_value_and_grad`).
+
+    The texts of the batch are embedded in chunks of ``mini_batch_size`` without
+    gradients, the loss and its gradient w.r.t. the embeddings are taken once,
+    then each chunk is re-run under its VJP: the same loss and gradients as
+    the full batch, with activation memory bounded by one chunk.
+    """
+    if self.config.mini_batch_size is None:
+      return super().value_and_grad(params, model_state, batch, rng)
+    dropout_rng, loss_rng = jax.random.split(rng)
+    size = batch["anchor"]["input_ids"].shape[0]
+    joined = self._joined(batch)
+    rows = joined["input_ids"].shape[0]
+    chunk = self.config.mini_batch_size * rows // size  # the same share of every column
+    (loss, metrics), grads = cached_value_and_grad(
+        self._embed, lambda pooled: self._split_loss(pooled, size, "negative" in batch,
+                                                     loss_rng),
+        params, joined, dropout_rng, mini_batch_size=chunk)
+    return (loss, (model_state, metrics)), grads
 
   # --- data -------------------------------------------------------------------------
 
