@@ -38,24 +38,23 @@ def train_on_fixed_batches(data_dir: str) -> dict:
   (gathered), the mesh and the eval over the split, read one share per process.
   """
   import functools
+  import tempfile
 
   import jax
   import numpy as np
   from conftest import tiny_config
   from jax.experimental import multihost_utils
 
-  from mrl_jax import config_lib, models, optim, sharding, train_lib
-  from mrl_jax.data import pipeline
+  from mrl_jax import sharding, train_lib
 
   overrides = {**OVERRIDES, "mesh_shape": (-1, min(2, jax.device_count()))}
-  config = config_lib.validate_config(tiny_config(data_dir, **overrides))
-  mesh = sharding.make_mesh(config.mesh_shape)
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10)
-  state = train_lib.create_train_state(
-      jax.random.PRNGKey(0), models.build_classifier(config, 10),
-      optim.make_optimizer(config, schedule), (8, 8, 1), mesh, config.fsdp_min_size)
-  step_fn = train_lib.jit_train_step(config, schedule, mesh,
-                                     jax.tree.map(lambda x: x.sharding, state))
+  workdir = tempfile.mkdtemp() if jax.process_index() == 0 else None
+  workdir = multihost_utils.broadcast_one_to_all(
+      np.frombuffer((workdir or "").ljust(256).encode(), np.uint8))
+  experiment = train_lib.Experiment(tiny_config(data_dir, num_train_steps=STEPS, **overrides),
+                                    bytes(np.asarray(workdir)).decode().strip())
+  config, mesh, state = experiment.config, experiment.mesh, experiment.state
+  step_fn = experiment._train_step
   to_global = functools.partial(sharding.as_global, sharding=sharding.batch_sharding(mesh))
   rows = config.batch_size // jax.process_count()
   mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
@@ -68,10 +67,8 @@ def train_on_fixed_batches(data_dir: str) -> dict:
     losses.append(float(metrics["loss"]))
   params = [np.asarray(multihost_utils.process_allgather(x, tiled=True)).tolist()
             for x in jax.tree.leaves(state.params)]
-  builder = pipeline.get_builder(config.dataset, data_dir)
-  ev = train_lib.evaluate(jax.jit(train_lib.eval_step, out_shardings=sharding.replicated(mesh)),
-                          state, pipeline.eval_batches(builder, config.eval_split,
-                                                       batch_size=config.batch_size), to_global)
+  ev = experiment.task.evaluate(state.variables)
+  experiment.close()
   return {"losses": losses, "params": params, "mesh": dict(mesh.shape),
           "eval_loss_per_dim": np.asarray(ev["loss_per_dim"]).tolist(),
           "num_examples": ev["num_examples"]}
@@ -92,7 +89,7 @@ def check_train_py_run(data_dir: str, workdir: str) -> dict:
   z = encoder.embed(np.zeros((3, 8, 8, 1), np.float32), dim=4)
   return {"step": final["step"], "eval": final["eval"]["loss_per_dim"],
           "resumed_step": resumed.step, "mesh": dict(resumed.mesh.shape),
-          "exported_step": encoder.metadata["source"]["step"], "embedding_shape": list(z.shape)}
+          "exported_step": encoder.metadata["step"], "embedding_shape": list(z.shape)}
 
 
 if __name__ == "__main__":
