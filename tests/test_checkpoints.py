@@ -66,8 +66,8 @@ def test_partial_save_is_never_the_latest_and_broken_steps_name_the_problem(tmp_
   shutil.rmtree(tmp_path / "5" / "state")
   with pytest.raises(CheckpointError, match=r"checkpoint .*/5 could not be restored"):
     reopened.restore(5, _tree(0))
-  os.remove(tmp_path / "5" / "metadata" / "metadata")
-  with pytest.raises(CheckpointError, match=r"/5/metadata/metadata is missing or corrupt"):
+  os.remove(tmp_path / "5" / "_CHECKPOINT_METADATA")
+  with pytest.raises(CheckpointError, match=r"/5/_CHECKPOINT_METADATA is missing or corrupt"):
     reopened.restore(5, _tree(0))
   reopened.close()
   assert not partial.exists()  # cleaned up (in the background) by the next writer
