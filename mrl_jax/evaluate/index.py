@@ -235,7 +235,7 @@ class PrefixIndex:
       self._codes[key] = _code_prefix(self._db, int(dim), kind)
     return self._codes[key]
 
-  def _code_words(self, kind: str, dim: int) -> jax.Array:
+  def scan_codes(self, kind: str, dim: int) -> jax.Array:
     """What the scan reads: :func:`~mrl_jax.evaluate.codes.to_words` lanes for binary."""
     key = (kind + "-words", int(dim))
     if key not in self._codes:
@@ -262,7 +262,7 @@ class PrefixIndex:
         if shortlist_codes is None:
           self.normalised(d)
         else:
-          self._code_words(shortlist_codes, d)
+          self.scan_codes(shortlist_codes, d)
 
   # -- search --------------------------------------------------------------------------
 
@@ -339,17 +339,21 @@ class PrefixIndex:
     for i, d in enumerate(dims):
       out.append(self.inv_norm(d))
       if i == 0 and not external and codes is not None:
-        out.append(self._code_words(codes, d))
+        out.append(self.scan_codes(codes, d))
         continue
       cached = self.normalised(d) if (i == 0 and not external) else None
       out.append(self._db if cached is None else cached)
     return tuple(out)
 
+  def block_plan(self, dim: int, codes: str | None = None) -> knn.BlockPlan:
+    """How a stage-0 scan at ``dim`` (of floats or codes) cuts this device's rows."""
+    width = dim if codes is None else int(self.scan_codes(codes, dim).shape[1])
+    return knn.block_plan(self.rows_per_shard, self._block_rows(width), self.group_size)
+
   def _program(self, dims: tuple[int, ...], keeps: tuple[int, ...], external: bool,
                codes: str | None = None) -> Callable:
-    width = None if codes is None else int(self._code_words(codes, dims[0]).shape[1])
-    plan = knn.block_plan(self.rows_per_shard, self._block_rows(dims[0] if width is None
-                                                                else width), self.group_size)
+    width = None if codes is None else int(self.scan_codes(codes, dims[0]).shape[1])
+    plan = self.block_plan(dims[0], codes)
     return _cascade_program(dims, keeps, external,
                             (not external) and dims[0] <= self.max_cached_dim, plan, self.n,
                             self.rows_per_shard, self.sub_batch, self.mesh, self.axis,
