@@ -81,5 +81,19 @@ def main(argv):
       print(f"exported the encoder to {result['export_dir']}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad ``--config.FIELD`` reported in one line (exit 2)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    problem = str(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not have
+    problem = f"the config has no field {str(e).strip(chr(34))} (see the config file's fields)"
+  except (TypeError, ValueError) as e:
+    problem = str(e)
+  print(f"train.py: error: bad command line: {problem}", file=sys.stderr)
+  sys.exit(USER_ERROR_EXIT_CODE)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

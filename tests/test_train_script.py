@@ -1,31 +1,65 @@
+"""``train.py`` end to end: resume, SIGTERM -> 143 -> resume, and one-line user errors."""
+
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from subprocess_util import REPO
 
+TEXT = ["--config=configs/text_pairs.py", "--config.max_length=16",
+        "--config.log_every_steps=5", "--config.checkpoint_every_steps=5",
+        "--config.eval_every_steps=100", "--config.schedule=constant"]
 
-def _train(workdir, data_dir, steps):
-  cmd = [sys.executable, "train.py", "--config=configs/digits_mlp.py", f"--workdir={workdir}",
-         f"--config.data_dir={data_dir}", f"--config.num_train_steps={steps}",
-         "--config.encoder.hidden=(32,)", "--config.batch_size=32",
-         "--config.log_every_steps=5", "--config.checkpoint_every_steps=5",
-         "--config.eval_every_steps=100", "--config.schedule=constant"]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "train.py", f"--workdir={workdir}", *TEXT, *extra]
+
+
+def _run(workdir, *extra):
+  proc = subprocess.run(_cmd(workdir, *extra), cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
 
 @pytest.mark.slow
-def test_train_py_trains_and_resumes(digits_dir, tmp_path):
+def test_sigterm_exits_143_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path):
+  straight = str(tmp_path / "straight")
+  _run(straight, "--config.num_train_steps=400")
   workdir = str(tmp_path / "run")
-  first = _train(workdir, digits_dir, 10)
-  assert "final eval top-1 per dim: 1:" in first.stdout
-  second = _train(workdir, digits_dir, 15)
-  # The second command resumed at step 10 and ran 5 more steps.
-  assert "train/step 15" in second.stdout + second.stderr
-  assert "train/step 5 " not in second.stdout + second.stderr
-  with open(os.path.join(workdir, "final_metrics.json")) as f:
-    assert json.load(f)["step"] == 15
+  proc = subprocess.Popen(_cmd(workdir, "--config.num_train_steps=400"), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "5")):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 143, err[-3000:]
+  assert "preempted: saved step" in err
+  second = _run(workdir, "--config.num_train_steps=400")
+  assert "exported the encoder" in second.stdout
+  final = lambda d: json.load(open(os.path.join(d, "final_metrics.json")))
+  assert final(workdir)["eval"] == final(straight)["eval"] and final(workdir)["step"] == 400
+  for name in ("model.safetensors", "config.json"):  # bit for bit the same exported model
+    assert open(os.path.join(workdir, "encoder", name), "rb").read() == open(
+        os.path.join(straight, "encoder", name), "rb").read()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.foo=1"], "the config has no field 'foo'"),
+    (["--config.learning_rate=-1"], "config.learning_rate must be a finite number >= 0"),
+    (["--config.nesting.weights=(1.0, nan, 1.0)"], "nan"),
+    (["--config.max_to_keep=0"], "max_to_keep"),
+    (["--config.train_file=/nonexistent.jsonl"], "train_file"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
+  proc = subprocess.run(_cmd(str(tmp_path / "w"), *args), cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error")]
+  assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
