@@ -72,3 +72,10 @@ def test_weights_from_a_flag_string_and_numpy_values_are_accepted():
   assert Nesting((8, 16), weights=("(2.0, 0.5)",)).weights == (2.0, 0.5)
   assert Nesting((8, 16), weights=np.array([2.0, 0.5])).weights == (2.0, 0.5)
   assert Nesting((8, 16), weights=(np.float32(2.0), 1)).weights == (2.0, 1.0)
+
+
+def test_the_curated_top_level_api_resolves_every_name():
+  import mrl_jax
+
+  for name in mrl_jax.__all__:
+    assert getattr(mrl_jax, name) is not None, name
