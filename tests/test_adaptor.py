@@ -18,17 +18,17 @@ def _cos(x):
   return x @ x.T
 
 
-def _pair_ref(e, f, dims):
+def _pair_ref(e, f, dims, power=1):
   s = _cos(e.astype(np.float64))
   b = e.shape[0]
   out = []
   for m in dims:
-    gap = np.abs(s - _cos(f[:, :m].astype(np.float64)))
+    gap = np.abs(s - _cos(f[:, :m].astype(np.float64))) ** power
     out.append(sum(gap[i, j] for i in range(b) for j in range(b) if i != j) / (b * (b - 1)))
   return np.array(out)
 
 
-def _topk_ref(e, f, dims, k):
+def _topk_ref(e, f, dims, k, power=1):
   s = _cos(e.astype(np.float64))
   b = e.shape[0]
   out = []
@@ -37,7 +37,7 @@ def _topk_ref(e, f, dims, k):
     total = 0.0
     for i in range(b):
       others = [j for j in np.argsort(-s[i], kind="stable") if j != i][:k]
-      total += sum(abs(s[i, j] - sm[i, j]) for j in others)
+      total += sum(abs(s[i, j] - sm[i, j]) ** power for j in others)
     out.append(total / (b * k))
   return np.array(out)
 
@@ -111,6 +111,19 @@ def test_topk_loss_matches_numpy(batch, k):
   e, f = batch
   got = al.topk_similarity_loss_per_dim(e, f, DIMS, k=k)
   np.testing.assert_allclose(got, _topk_ref(e, f, DIMS, k), rtol=1e-5, atol=1e-6)
+
+
+def test_squared_gaps_match_numpy(batch):
+  e, f = batch
+  np.testing.assert_allclose(al.pairwise_similarity_loss_per_dim(e, f, DIMS, gap="squared"),
+                             _pair_ref(e, f, DIMS, power=2), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(al.topk_similarity_loss_per_dim(e, f, DIMS, k=2, gap="squared"),
+                             _topk_ref(e, f, DIMS, 2, power=2), rtol=1e-5, atol=1e-7)
+  loss, _ = al.adaptor_loss(e, f, DIMS, k=2, gap="squared")
+  np.testing.assert_allclose(loss, np.sum(_pair_ref(e, f, DIMS, 2) + _topk_ref(e, f, DIMS, 2, 2)),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="gap must be"):
+    al.adaptor_loss(e, f, DIMS, gap="huber")
 
 
 def test_topk_with_all_neighbours_is_pairwise(batch):

@@ -369,10 +369,13 @@ def format_reduction_table(results: Mapping[str, Mapping[str, Mapping[int, float
   lines = []
   for metric, by_method in results.items():
     names = list(by_method)
+    widths = [max(10, len(n) + 2) for n in names]
     dims = sorted({m for v in by_method.values() for m in v})
     lines.append(metric)
-    lines.append("  " + f"{'dim':>5}" + "".join(f"{n:>12}" for n in names))
+    header = "".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
+    lines.append("  " + f"{'dim':>5}" + header)
     for m in dims:
-      row = "".join(f"{by_method[n].get(m, float('nan')):>12.4f}" for n in names)
+      row = "".join(f"{by_method[n].get(m, float('nan')):>{w}.4f}"
+                    for n, w in zip(names, widths, strict=True))
       lines.append("  " + f"{m:>5}" + row)
   return "\n".join(lines)

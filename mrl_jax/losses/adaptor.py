@@ -27,6 +27,8 @@ Differences from the paper, on purpose:
   ``L_rec``), so that the weights do not depend on the batch size; a per-size
   weight ``w_m`` is allowed as in MRL (``sum_m w_m L_m``, all ones by default);
 * ``NN_k(i)`` is taken within the batch (the ``k`` most similar other rows);
+* ``gap="squared"`` optionally replaces ``|S - S_m|`` by ``(S - S_m)^2`` in
+  ``L_pair`` and ``L_topk`` (default ``"abs"``, the paper's);
 * ``L_rank`` is the in-batch softmax (:func:`mrl_jax.losses.nested_in_batch_softmax`,
   every other document of the batch a negative), not the paper's pairwise
   logistic loss over graded relevance (from Search-Adaptor, Yoon et al. 2023):
@@ -96,10 +98,16 @@ def nested_similarity_matrices(adapted: jax.Array, dims: Sequence[int]) -> jax.A
   return jnp.stack([cosine_similarity_matrix(adapted[:, :m]) for m in dims])
 
 
-def _similarity_gaps(embeddings, adapted, dims):
-  """``S`` (gradient stopped) ``[B, B]`` and ``|S - S_m|`` ``[M, B, B]``."""
+GAPS = ("abs", "squared")
+
+
+def _similarity_gaps(embeddings, adapted, dims, gap: str = "abs"):
+  """``S`` (gradient stopped) ``[B, B]`` and ``|S - S_m|`` (or its square) ``[M, B, B]``."""
+  if gap not in GAPS:
+    raise ValueError(f"gap must be one of {GAPS}, got {gap!r}")
   target = jax.lax.stop_gradient(cosine_similarity_matrix(embeddings))
-  return target, jnp.abs(target[None] - nested_similarity_matrices(adapted, dims))
+  diff = target[None] - nested_similarity_matrices(adapted, dims)
+  return target, jnp.abs(diff) if gap == "abs" else jnp.square(diff)
 
 
 def _pair_per_dim(gaps: jax.Array) -> jax.Array:
@@ -124,7 +132,7 @@ def _topk_per_dim(target: jax.Array, gaps: jax.Array, k: int) -> jax.Array:
 
 
 def pairwise_similarity_loss_per_dim(
-    embeddings: jax.Array, adapted: jax.Array, dims: Sequence[int],
+    embeddings: jax.Array, adapted: jax.Array, dims: Sequence[int], *, gap: str = "abs",
 ) -> jax.Array:
   """Pairwise similarity preservation at every nested size (the paper's ``L_pair``).
 
@@ -136,6 +144,7 @@ def pairwise_similarity_loss_per_dim(
     embeddings: ``[B, D]`` frozen embeddings ``e`` (the target).
     adapted: ``[B, D]`` adapted embeddings ``f(e)``.
     dims: nested sizes, strictly increasing, ``<= D``.
+    gap: ``"abs"`` (the paper's ``|S - S_m|``) or ``"squared"`` (``(S - S_m)^2``).
 
   Returns:
     ``[M]`` float32.
@@ -144,11 +153,12 @@ def pairwise_similarity_loss_per_dim(
     ValueError: shapes differ or are not ``[B, D]`` with ``B >= 2``; bad ``dims``.
   """
   _check_pair(embeddings, adapted)
-  return _pair_per_dim(_similarity_gaps(embeddings, adapted, dims)[1])
+  return _pair_per_dim(_similarity_gaps(embeddings, adapted, dims, gap)[1])
 
 
 def topk_similarity_loss_per_dim(
     embeddings: jax.Array, adapted: jax.Array, dims: Sequence[int], *, k: int = 10,
+    gap: str = "abs",
 ) -> jax.Array:
   """Top-k (local) similarity preservation at every nested size (the paper's ``L_topk``).
 
@@ -161,12 +171,13 @@ def topk_similarity_loss_per_dim(
     adapted: ``[B, D]`` adapted embeddings ``f(e)``.
     dims: nested sizes, strictly increasing, ``<= D``.
     k: neighbours per row, ``1 <= k <= B - 1``.
+    gap: ``"abs"`` (the paper's) or ``"squared"``.
 
   Returns:
     ``[M]`` float32.
   """
   _check_pair(embeddings, adapted)
-  target, gaps = _similarity_gaps(embeddings, adapted, dims)
+  target, gaps = _similarity_gaps(embeddings, adapted, dims, gap)
   return _topk_per_dim(target, gaps, k)
 
 
@@ -226,6 +237,7 @@ def adaptor_loss(
     adapted_queries: jax.Array | None = None,
     adapted_documents: jax.Array | None = None,
     scale: float = 20.0,
+    gap: str = "abs",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The Matryoshka-Adaptor objective on one batch, and its parts.
 
@@ -250,6 +262,7 @@ def adaptor_loss(
     adapted_queries: ``[P, D]`` adapted query embeddings (supervised mode).
     adapted_documents: ``[P, D]`` adapted embeddings of their documents.
     scale: inverse temperature of ``L_rank``.
+    gap: ``"abs"`` (the paper's ``|S - S_m|``) or ``"squared"`` in ``L_topk``, ``L_pair``.
 
   Returns:
     ``(loss, metrics)``: a float32 scalar, and float32 scalars ``"loss"``,
@@ -278,7 +291,7 @@ def adaptor_loss(
   total = jnp.zeros((), jnp.float32)
   terms = []
   if topk_weight or pair_weight:
-    target, gaps = _similarity_gaps(embeddings, adapted, nesting.dims)
+    target, gaps = _similarity_gaps(embeddings, adapted, nesting.dims, gap)
     if topk_weight:
       terms.append(("topk", topk_weight, _topk_per_dim(target, gaps, k)))
     if pair_weight:
