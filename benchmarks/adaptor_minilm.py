@@ -235,7 +235,7 @@ def main():
   parser.add_argument("--topk_weight", type=float, default=1.0)
   parser.add_argument("--pair_weight", type=float, default=1.0)
   parser.add_argument("--reconstruction_weight", type=float, default=0.0)
-  parser.add_argument("--rank_weight", type=float, default=1.0)
+  parser.add_argument("--rank_weight", type=float, default=0.05)
   parser.add_argument("--gap", choices=("abs", "squared"), default="squared",
                       help="abs: the paper's |S - S_m|; squared measured better here")
   parser.add_argument("--no_supervised", action="store_true")
