@@ -61,15 +61,15 @@ class _Identity(nn.Module):
 
 @pytest.mark.parametrize("kind", ["binary", "int8"])
 def test_quantize_matches_the_inference_rule(kind):
-  from mrl_jax.inference import embed_fn
+  from mrl_jax.ops import quantize, truncate_normalize
 
   rng = np.random.default_rng(0)
   x = rng.standard_normal((9, 21)).astype(np.float32)
   x[0, :5] = [0.0, -0.0, 1e-9, -1e-9, 0.0]  # signs at and near zero
   x[1] = 0.0
   for dim in (5, 8, 13, 21):
-    z = embed_fn(_Identity(), {}, x, dim=dim, normalize=True, quantize=None)
-    want = embed_fn(_Identity(), {}, x, dim=dim, normalize=True, quantize=kind)
+    z = truncate_normalize(x, dim)  # inference's own path: truncate, normalise, quantise
+    want = quantize(z, kind)
     got = codes.quantize_embeddings(z, kind)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -69,8 +69,8 @@ def test_evaluate_nested_end_to_end(tmp_path):
 
 def test_evaluate_nested_rejects_bad_input():
   xtr, ytr, xte, yte = _problem(n=40, q=10)
-  with pytest.raises(ValueError, match="strictly increasing"):
-    evaluate_nested(xtr, ytr, xte, yte, (4, 2), ks=(5,))
+  with pytest.raises(ValueError, match="distinct"):
+    evaluate_nested(xtr, ytr, xte, yte, (4, 4), ks=(5,))
   with pytest.raises(ValueError, match="larger than the database"):
     evaluate_nested(xtr, ytr, xte, yte, (2, 16), ks=(50,))
   with pytest.raises(ValueError, match="test_labels"):

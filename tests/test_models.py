@@ -30,7 +30,8 @@ def test_classifier_gives_nested_logits_from_one_embedding(head, rows):
   head_logits = head_module.apply({"params": variables["params"]["head"]}, z)
   np.testing.assert_allclose(logits, head_logits if head != "ff" else head_logits[None],
                              rtol=1e-6)
-  assert models.head_dims(head_module) == config_lib.eval_dims(config)
+  want = (config.ff_dim,) if head == "ff" else config.nesting.dims
+  assert models.head_dims(head_module) == want
 
 
 def test_build_classifier_picks_head_and_dtype():

@@ -269,6 +269,10 @@ def _check_dims(matryoshka_dimensions: Sequence[int], hidden_size: int) -> tuple
                      f"{matryoshka_dimensions!r}")
   if not matryoshka_dimensions:
     return ()
+  if list(matryoshka_dimensions) != sorted(set(matryoshka_dimensions)):
+    # The stored form (config.json, read by serving engines) is ascending.
+    raise ValueError(f"matryoshka_dimensions={list(matryoshka_dimensions)}: nesting dims must be "
+                     "strictly increasing")
   try:
     return Nesting(tuple(matryoshka_dimensions), embed_dim=hidden_size).dims
   except ValueError as e:
@@ -537,6 +541,9 @@ def _read_dims(file: str, hf: dict, hidden_size: int) -> tuple[bool, tuple[int, 
   if not isinstance(dims, list) or not dims or not all(_is_int(d) for d in dims):
     raise BundleError(f"{file}: matryoshka_dimensions must be a non-empty list of ints, "
                       f"got {dims!r}")
+  if dims != sorted(set(dims)):
+    raise BundleError(f"{file}: matryoshka_dimensions={dims}: nesting dims must be strictly "
+                      "increasing (the stored form)")
   try:
     return True, Nesting(tuple(dims), embed_dim=hidden_size).dims
   except ValueError as e:
