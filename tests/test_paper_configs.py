@@ -45,7 +45,7 @@ def _run(config, workdir: str):
 def test_config_trains_and_evaluates_on_mock_data(module, encoder, dims, tmp_path, fast_prng):
   config = _shrink(module.get_config(), str(tmp_path / "tfds"), **encoder)
   experiment, result = _run(config, str(tmp_path / "work"))
-  assert result["step"] == 2 and result["dims"] == dims and result["head"] == "mrl"
+  assert result["step"] == 2 and result["dims"] == dims and result["task"] == "classification"
   assert result["eval"]["num_examples"] == MOCK_EXAMPLES
   assert np.all(np.isfinite(result["eval"]["loss_per_dim"]))
   assert experiment.config.half_precision  # the recipe's bf16 compute
