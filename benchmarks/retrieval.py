@@ -166,10 +166,10 @@ def _profile_cascade(index, batches, label, codes, args) -> None:
   else:
     ids = [jax.lax.top_k(m, kk)[1] for m in maxima]
   inv = index.inv_norm(big)
-  rerank = jax.jit(lambda q, i: jax.lax.top_k(knn.gather_scores(
-      normalize_prefix(q, big), index.database, inv, i, big, sb), args.k))
+  rerank = jax.jit(lambda q, db, s, i: jax.lax.top_k(knn.gather_scores(
+      normalize_prefix(q, big), db, s, i, big, sb), args.k))
   timed(f"re-rank: gather {kk} x {big} floats + top-{args.k}", rerank,
-        list(zip(batches, ids, strict=True)))
+        [(q, index.database, inv, i) for q, i in zip(batches, ids, strict=True)])
 
 
 def main(argv=None) -> None:
