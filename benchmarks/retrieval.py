@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--funnel-shortlist", default="200,100,50,25,10")
   p.add_argument("--faiss", default="flat,binary",
                  help="comma list of flat,hnsw,binary (FAISS shortlist peers), or 'none'")
+  p.add_argument("--faiss-binary-dims", default="32",
+                 help="D_s of the FAISS IndexBinaryFlat peer rows (comma list)")
   p.add_argument("--classes", type=int, default=1000)
   p.add_argument("--repeats", type=int, default=5, help="timed runs per method (median kept)")
   p.add_argument("--profile", action="store_true",
@@ -164,10 +166,10 @@ def _profile_cascade(index, batches, label, codes, args) -> None:
   else:
     ids = [jax.lax.top_k(m, kk)[1] for m in maxima]
   inv = index.inv_norm(big)
-  rerank = jax.jit(lambda q, i: jax.lax.top_k(knn.gather_scores(
-      normalize_prefix(q, big), index.database, inv, i, big, sb), args.k))
+  rerank = jax.jit(lambda q, db, s, i: jax.lax.top_k(knn.gather_scores(
+      normalize_prefix(q, big), db, s, i, big, sb), args.k))
   timed(f"re-rank: gather {kk} x {big} floats + top-{args.k}", rerank,
-        list(zip(batches, ids, strict=True)))
+        [(q, index.database, inv, i) for q, i in zip(batches, ids, strict=True)])
 
 
 def main(argv=None) -> None:
@@ -196,7 +198,7 @@ def main(argv=None) -> None:
   index = PrefixIndex(db)
   index.prepare((args.shortlist_dim, args.dim))
   index.prepare(funnel_dims)
-  for d in _dims(args.binary_dims):
+  for d in _dims(args.binary_dims) + _dims(args.faiss_binary_dims):
     index.prepare((d, args.dim), shortlist_codes="binary")
   for d in _dims(args.int8_dims):
     index.prepare((d, args.dim), shortlist_codes="int8")
@@ -216,7 +218,7 @@ def main(argv=None) -> None:
                   dict(dims=funnel_dims, keeps=funnel_keep + (funnel_keep[-1],))))
   for kind in faiss_kinds:
     if kind == "binary":
-      for d in _dims(args.binary_dims):
+      for d in _dims(args.faiss_binary_dims):
         methods.append(("adaptive faiss-binary", f"{d}->{full}, K={kk}",
                         adaptive(d, shortlist_codes="binary", backend="faiss")))
     else:
