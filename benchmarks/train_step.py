@@ -18,20 +18,19 @@ paper's claim: the nested heads add negligible cost to a ResNet-50 step.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import imagenet_resnet50  # noqa: E402
-from mrl_jax import config_lib, models, optim, train_lib  # noqa: E402
+from mrl_jax import config_lib, optim, train_lib  # noqa: E402
 from mrl_jax import sharding as sharding_lib  # noqa: E402
+from mrl_jax.tasks.classification import ClassificationTask  # noqa: E402
 
 HEADS = {"mrl": "MRL", "ff": "single head (FF-2048)", "mrl_e": "MRL-E"}
 NUM_CLASSES = 1000
@@ -45,14 +44,12 @@ def build_step(head: str, args: argparse.Namespace, mesh: jax.sharding.Mesh):
   config.batch_size = args.batch_size
   config.half_precision = args.bf16
   config = config_lib.validate_config(config, num_devices=mesh.size)
-  model = models.build_classifier(config, NUM_CLASSES)
+  task = ClassificationTask.without_data(config, mesh=mesh, num_classes=NUM_CLASSES,
+                                        input_shape=(args.image_size, args.image_size, 3))
   schedule = optim.learning_rate_schedule(config, steps_per_epoch=1251)
-  state = train_lib.create_train_state(
-      jax.random.PRNGKey(0), model, optim.make_optimizer(config, schedule),
-      (args.image_size, args.image_size, 3), mesh)
-  step = jax.jit(functools.partial(
-      train_lib.train_step, weights=jnp.asarray(config_lib.loss_weights(config)),
-      label_smoothing=config.label_smoothing, learning_rate_fn=schedule), donate_argnums=0)
+  state = train_lib.create_train_state(task, jax.random.PRNGKey(0),
+                                       optim.make_optimizer(config, schedule), mesh)
+  step = train_lib.jit_train_step(task, schedule, mesh, jax.tree.map(lambda x: x.sharding, state))
   return step, state
 
 

@@ -65,9 +65,24 @@ class ClassificationTask(base.Task):
     self.builder = pipeline.get_builder(config.dataset, config.data_dir)
     self.spec = pipeline.dataset_spec(self.builder, config.train_split, config.eval_split)
     self.input = images.ImageInput.from_config(config)
-    self.input_shape = self.input.model_input_shape(self.spec.image_shape)
     self.steps_per_epoch = max(self.spec.num_train_examples // config.batch_size, 1)
-    self.model = models.build_classifier(config, self.spec.num_classes)
+    self._build(self.spec.num_classes, self.input.model_input_shape(self.spec.image_shape))
+
+  @classmethod
+  def without_data(cls, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh,
+                   num_classes: int, input_shape: tuple[int, ...],
+                   steps_per_epoch: int = 1) -> ClassificationTask:
+    """The model, loss and step of a validated config, with no data set (benchmarks, tests)."""
+    task = cls.__new__(cls)
+    base.Task.__init__(task, config, workdir="", mesh=mesh)
+    task.steps_per_epoch = steps_per_epoch
+    task._build(num_classes, tuple(input_shape))
+    return task
+
+  def _build(self, num_classes: int, input_shape: tuple[int, ...]) -> None:
+    config, mesh = self.config, self.mesh
+    self.num_classes, self.input_shape = num_classes, input_shape
+    self.model = models.build_classifier(config, num_classes)
     self.dims = (config.ff_dim,) if config.head == "ff" else tuple(config.nesting.dims)
     self.weights = jnp.asarray((1.0,) if config.head == "ff" else config.nesting.weights,
                                jnp.float32)
@@ -169,7 +184,7 @@ class ClassificationTask(base.Task):
         "half_precision": bool(c.half_precision),
         "is_matryoshka": c.head != "ff",
         "matryoshka_dimensions": [int(m) for m in self.dims],
-        "head": {"kind": c.head, "num_classes": int(self.spec.num_classes),
+        "head": {"kind": c.head, "num_classes": int(self.num_classes),
                  "dims": [int(m) for m in self.dims]},
         "input": {"shape": [int(n) for n in self.input_shape], "dtype": "float32"},
         "preprocessing": preprocessing_info(c.to_dict()),
