@@ -99,3 +99,39 @@ def test_eight_devices_dp_and_fsdp_match_one_device_and_checkpoints_move_between
   trained = np.load(tmp_path / "fsdp.npz")
   for i, got in enumerate(jax.device_get(jax.tree.leaves(back.state.params))):
     np.testing.assert_array_equal(got, trained[f"arr_{i}"])
+
+
+def _text_config(**kw):
+  from conftest import tiny_text_config
+
+  return tiny_text_config(num_train_steps=4, log_every_steps=4, eval_every_steps=4,
+                          checkpoint_every_steps=4, fsdp_min_size=64, **kw)
+
+
+EIGHT_DEVICES_TEXT = """
+import json, jax, numpy as np
+from test_sharding import _text_config
+from mrl_jax import train_lib
+out = {{}}
+for name, shape in (("dp", (8, 1)), ("fsdp", (2, 4))):
+  exp = train_lib.Experiment(_text_config(mesh_shape=shape), {tmp!r} + "/" + name)
+  losses = []
+  exp.train(progress=False, on_step=lambda step, m: losses.append(float(m["loss"])))
+  out[name] = dict(losses=losses, fsdp_split=sum("fsdp" in str(x.sharding.spec)
+                                                 for x in jax.tree.leaves(exp.state)))
+  exp.close()
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_eight_devices_dp_and_fsdp_match_one_device_for_the_pairs_task(tmp_path):
+  one = train_lib.Experiment(_text_config(), str(tmp_path / "one"))
+  losses = []
+  one.train(progress=False, on_step=lambda step, m: losses.append(float(m["loss"])))
+  one.close()
+  stdout = run_python(EIGHT_DEVICES_TEXT.format(tmp=str(tmp_path)), devices=8)
+  out = json.loads(stdout.split("RESULT", 1)[1])
+  for name in ("dp", "fsdp"):  # same global batches; only the float reduction order differs
+    np.testing.assert_allclose(out[name]["losses"], losses, rtol=2e-5, err_msg=name)
+  assert out["dp"]["fsdp_split"] == 0 and out["fsdp"]["fsdp_split"] >= 4, out
