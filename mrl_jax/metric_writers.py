@@ -29,6 +29,23 @@ def expand_per_dim(metrics: Mapping[str, object], dims: Sequence[int]) -> dict[s
   return out
 
 
+def format_scalars(step: int, scalars: Mapping[str, float], prefix: str) -> str:
+  """One console line: plain scalars, then each per-dim metric as ``name[dim: value ...]``.
+
+  ``{"loss": 1.2, "top1/dim_8": 0.5, "top1/dim_16": 0.7}`` at step 10 becomes
+  ``[train/step 10] loss=1.2 top1[8: 0.5 16: 0.7]``.
+  """
+  plain, per_dim = [], {}
+  for name, value in scalars.items():
+    base, sep, dim = name.partition("/dim_")
+    if sep:
+      per_dim.setdefault(base, []).append(f"{dim}: {value:.4g}")
+    else:
+      plain.append(f"{name}={value:.4g}")
+  parts = plain + [f"{base}[{' '.join(cells)}]" for base, cells in per_dim.items()]
+  return f"[{prefix}step {step}] " + " ".join(parts)
+
+
 class MetricWriter:
   """TensorBoard events under ``logdir`` (only on process 0) plus a console echo.
 
@@ -50,9 +67,7 @@ class MetricWriter:
     for name, value in scalars.items():
       self._writer.add_scalar(f"{prefix}{name}", value, step)
     if self._echo is not None:
-      head = {k: v for k, v in scalars.items() if "/dim_" not in k}
-      text = " ".join(f"{k}={v:.4g}" for k, v in head.items())
-      self._echo(f"[{prefix or 'train/'}step {step}] {text}")
+      self._echo(format_scalars(step, scalars, prefix or "train/"))
 
   def flush(self) -> None:
     if self._writer is not None:
