@@ -4,7 +4,7 @@
 
 Prints median times of jitted value-and-grad (w.r.t. the embedding and the
 head's parameters) measured side by side in one run, and the ratios next to the
-target from DESIGN.md (MRL-E head <= 1.25x a single head). Two objectives:
+project's target (MRL-E head <= 1.25x a single head). Two objectives:
 ``linear`` (sum of logits times a fixed random cotangent: the head alone) and
 ``nested CE`` (the nested softmax cross-entropy on top, as in training).
 """

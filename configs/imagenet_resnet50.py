@@ -1,4 +1,5 @@
-"""The paper's ResNet-50 / ImageNet-1K recipe (DESIGN.md section 2).
+"""The paper's ResNet-50 / ImageNet-1K recipe (Kusupati et al. 2022, §4.1 and Appendix C;
+the reference's RAIVNLab/MRL training scripts).
 
 One command per row of the paper's table (see the README's "Reproducing the paper"):
 

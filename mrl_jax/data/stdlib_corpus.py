@@ -4,7 +4,7 @@ Code search in the style of CodeSearchNet (Husain et al. 2019): the query is the
 first paragraph of a function's docstring, the document is the function's
 source with that docstring removed. Every pair is written by the CPython
 developers and ships with the running interpreter, so the task needs no
-download (DESIGN.md §6: ~3,700 raw pairs from ~200 modules of CPython 3.11).
+download (about 3,000 pairs from ~200 modules of CPython 3.11 after filtering).
 
 How the pairs are built (deterministic for a given interpreter):
 
