@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	$(PY) -m mrl_jax.demo --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check mrl_jax tests configs benchmarks train.py
