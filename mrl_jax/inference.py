@@ -440,7 +440,15 @@ def _load_embedding(path: str, config: dict, metadata: dict) -> dict[str, Any]:
 
   embed_dim = int(config["embed_dim"])
   _validate_common(config, metadata, path, embed_dim)
-  model = MatryoshkaAdaptor(**config["adaptor"])
+  if list(config["input"]["shape"]) != [embed_dim]:
+    raise BundleError(f"bundle {path}: input.shape {config['input']['shape']!r} must be "
+                      f"[{embed_dim}] (embed_dim)")
+  spec = config["adaptor"]
+  unknown = set(spec) - {"hidden", "activation"}
+  if unknown:
+    raise BundleError(f"bundle {path}: unknown adaptor fields {sorted(unknown)}")
+  model = MatryoshkaAdaptor(hidden=tuple(spec.get("hidden", (512,))),
+                            activation=spec.get("activation", "relu"))
   want = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                            jnp.zeros((1, embed_dim), jnp.float32)))
   stored = export_lib.unflatten(export_lib.load_weights(path))
