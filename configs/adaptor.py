@@ -38,7 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model: f(e) = e + g(e), g an MLP (hidden=() is one affine layer); identity at init.
   # encoder.embed_dim is D, read from embeddings_file (leave it None, or set it to D).
-  config.adaptor = ml_collections.ConfigDict(dict(hidden=(512,), activation="relu"))
+  # init "pca" (hidden=() only): start from the uncentred-PCA rotation instead of the identity.
+  config.adaptor = ml_collections.ConfigDict(dict(hidden=(512,), activation="relu",
+                                                  init="identity"))
+  # An exported mrl_jax text bundle whose embeddings are embeddings_file (full size, unit
+  # norm: Encoder.load(PATH).embed(texts)); copied into the export, which then embeds texts.
+  config.text_encoder = placeholder(str)
 
   # Loss (mrl_jax.losses.adaptor.adaptor_loss), summed over the nested dims with their weights.
   config.nesting.start = 8

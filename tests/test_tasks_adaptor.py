@@ -163,6 +163,19 @@ def test_supervised_loss_is_adaptor_loss_and_pairs_are_split_by_held_out_documen
   assert ev["pair_recall_per_dim"].shape == (2,) and 0 <= ev["pair_ndcg_per_dim"][1] <= 1
 
 
+def test_pca_init_starts_as_uncentred_pca_of_the_training_rows(files, tmp_path):
+  from mrl_jax.evaluate.adaptor import fit_pca
+
+  config = config_lib.validate_config(_config(files["x"], adaptor={"init": "pca"}))
+  task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
+  assert AdaptorTask(config_lib.validate_config(_config(files["x"])), workdir=str(tmp_path),
+                     mesh=sharding_lib.make_mesh()).pretrained_variables() is None
+  x = task.data.embeddings
+  pca = fit_pca(x[task.data.train_rows], center=False)
+  np.testing.assert_allclose(task.adapt(task.pretrained_variables()["params"], x[:50]),
+                             pca(x[:50]), atol=1e-5)
+
+
 def _write(tmp_path, name, array):
   path = str(tmp_path / f"{name}.npy")
   np.save(path, array)
@@ -197,6 +210,9 @@ def _write(tmp_path, name, array):
     (lambda x, t: {"gap": "cube"}, "config.gap"),
     (lambda x, t: {"adaptor": {"hidden": (8, 0)}}, "config.adaptor.hidden"),
     (lambda x, t: {"adaptor": {"activation": "elu"}}, "config.adaptor.activation"),
+    (lambda x, t: {"adaptor": {"init": "pca", "hidden": (8,)}},
+     r"config.adaptor.init='pca' needs config.adaptor.hidden=\(\)"),
+    (lambda x, t: {"adaptor": {"init": "svd"}}, "config.adaptor.init"),
     (lambda x, t: {"eval_fraction": 1.5}, "config.eval_fraction"),
     (lambda x, t: {"eval_fraction": 0.01}, "config.eval_k=10 needs at least 11 held-out rows"),
     (lambda x, t: {"batch_size": 190}, "config.batch_size=190 is larger than the 150 training"),
@@ -233,3 +249,36 @@ def test_train_py_runs_the_adaptor_end_to_end(files, tmp_path):
       [sys.executable, "train.py", "--config=configs/adaptor.py",
        f"--workdir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "config.embeddings_file is required" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_text_encoder_and_the_adaptor_compose_into_one_bundle(tmp_path):
+  from conftest import tiny_text_config
+
+  from mrl_jax.tasks.pairs import PairsTask
+
+  text_task = PairsTask(config_lib.validate_config(tiny_text_config()),
+                        workdir=str(tmp_path / "text_run"), mesh=sharding_lib.make_mesh())
+  text_dir = str(tmp_path / "text")
+  os.makedirs(text_dir)
+  text_task.export(text_task.init_variables(jax.random.PRNGKey(0)), text_dir, step=0)
+  texts = sorted({t for s in text_task.sources for t in (*s.anchors, *s.positives)})
+  raw = Encoder.load(text_dir).embed(texts)  # [N, 32], full size, unit norm
+  config = _config(_write(tmp_path, "texts", raw), text_encoder=text_dir, batch_size=32,
+                   eval_k=5, num_train_steps=10, eval_every_steps=10,
+                   nesting={"dims": (8, 16, 32)})
+  result = train_lib.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  composed = Encoder.load(result["export_dir"])
+  assert composed.modality == "embedding" and composed.dims == (8, 16, 32)
+  for m in composed.dims:
+    from_texts = composed.embed(texts[:9], dim=m)
+    np.testing.assert_allclose(from_texts, composed.embed(raw[:9], dim=m), atol=1e-5)
+    assert not np.allclose(from_texts, raw[:9, :m] / np.linalg.norm(raw[:9, :m], axis=1,
+                                                                      keepdims=True), atol=1e-4)
+  small = {"batch_size": 32, "eval_k": 5, "nesting": {"dims": (8, 16, 32)}}
+  with pytest.raises(ValueError, match="config.text_encoder=.* modality 'embedding', not 'text'"):
+    config_lib.validate_config(_config(_write(tmp_path, "texts", raw),
+                                       text_encoder=result["export_dir"], **small))
+  with pytest.raises(ValueError, match="config.text_encoder=.* embeds 32 dims"):
+    config_lib.validate_config(_config(_write(tmp_path, "wide", np.tile(raw, (1, 2))),
+                                       text_encoder=text_dir, **small))

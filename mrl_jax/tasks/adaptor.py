@@ -19,7 +19,11 @@ Each evaluation also writes ``workdir/plots/<metric>.png`` (so at the end of a r
 the plots show the final numbers of ``final_metrics.json``).
 
 Export: an ``"embedding"`` bundle; ``Encoder.load(path).embed(e, dim=m)`` maps raw
-embeddings ``[B, D]`` to ``f(e)[:, :m]``, L2-normalised.
+embeddings ``[B, D]`` to ``f(e)[:, :m]``, L2-normalised. With ``config.text_encoder``
+(an exported mrl_jax text bundle whose full-size, unit-norm embeddings are the
+``embeddings_file``) a copy of that bundle goes into the export, which then also
+embeds a list of texts: text encoder, L2 normalisation, adaptor, truncation,
+normalisation.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +56,8 @@ _SPLIT_TAG = 0x5EED  # the held-out rows depend on N only, not on config.seed
 _ROWS_TAG, _PAIRS_TAG = 1, 2
 PCA_MAX_ROWS = 50_000  # PCA baselines are fit on at most this many training rows
 EVAL_CHUNK = 1024  # rows per jitted adaptor call in evaluation (one compiled shape)
+INITS = ("identity", "pca")  # config.adaptor.init
+TEXT_ENCODER_DIR = "text_encoder"  # the copied text bundle inside a composed export
 METRICS = ("neighbor_recall", "pair_recall", "pair_ndcg")
 BASELINES = ("truncate", "pca", "pca_uncentred")
 
@@ -180,6 +187,28 @@ def read_data(config: ml_collections.ConfigDict) -> AdaptorData:
                      eval_pairs)
 
 
+def check_text_encoder(path: Any, embed_dim: int) -> None:
+  """``config.text_encoder`` must be an exported text bundle of ``embed_dim`` dims.
+
+  Raises:
+    ValueError: naming ``config.text_encoder``: not a folder, not a readable text
+      bundle (changed files included), or another width than the embeddings.
+  """
+  if not isinstance(path, str) or not os.path.isdir(path):
+    raise ValueError(f"config.text_encoder={path!r} is not a folder (an exported text bundle)")
+  try:
+    meta = export.read_metadata(path)
+    if meta["modality"] != "text":
+      raise ValueError(f"config.text_encoder={path!r} is a bundle of modality "
+                       f"{meta['modality']!r}, not 'text'")
+    width = int(export.read_json(os.path.join(path, export.CONFIG_FILE))["hidden_size"])
+  except (export.BundleError, KeyError, TypeError) as e:
+    raise ValueError(f"config.text_encoder={path!r}: not a readable text bundle: {e}") from None
+  if width != embed_dim:
+    raise ValueError(f"config.text_encoder={path!r} embeds {width} dims, config.embeddings_file "
+                     f"has D={embed_dim}")
+
+
 class EpochBatches:
   """Batches of ``batch_size`` of ``num`` items, a fresh seeded permutation every epoch.
 
@@ -229,6 +258,10 @@ class AdaptorTask(base.Task):
                        "(() for one affine layer)")
     config.adaptor.hidden = tuple(hidden)
     config_lib.choice(config.adaptor.activation, "adaptor.activation", tuple(ACTIVATIONS))
+    config_lib.choice(config.adaptor.init, "adaptor.init", INITS)
+    if config.adaptor.init == "pca" and config.adaptor.hidden:
+      raise ValueError(f"config.adaptor.init='pca' needs config.adaptor.hidden=() (a linear "
+                       f"adaptor), got {config.adaptor.hidden}")
     config_lib.positive_int(config.k, "k")
     if config.k > config.batch_size - 1:
       raise ValueError(f"config.k={config.k} must be < config.batch_size={config.batch_size} "
@@ -262,6 +295,8 @@ class AdaptorTask(base.Task):
       raise ValueError(f"config.encoder.embed_dim={config.encoder.embed_dim} differs from "
                        f"D={d} of config.embeddings_file (leave it None)")
     config_lib.fill_nesting(config, d)
+    if config.text_encoder is not None:
+      check_text_encoder(config.text_encoder, d)
 
   def __init__(self, config: ml_collections.ConfigDict, *, workdir: str,
                mesh: jax.sharding.Mesh):
@@ -291,6 +326,29 @@ class AdaptorTask(base.Task):
 
   def init_variables(self, rng: jax.Array) -> base.Variables:
     return self.model.init(rng, jnp.zeros((1, self.embed_dim), jnp.float32))
+
+  def pretrained_variables(self) -> base.Variables | None:
+    """With ``config.adaptor.init="pca"``: the linear adaptor that starts as uncentred PCA.
+
+    ``f(e) = e + e W + b`` with ``W = V^T - I``, ``b = 0`` and ``V`` the principal
+    axes of the training rows (:func:`~mrl_jax.evaluate.adaptor.fit_pca`,
+    ``center=False``, the rows of ``V`` sorted by variance): ``f(e) = e V^T``, an
+    orthogonal map (full-size cosines kept exactly) whose ``m``-prefix is PCA to
+    ``m`` dims. Training then starts from the PCA baseline instead of truncation.
+    """
+    if self.config.adaptor.init != "pca":
+      return None
+    axes = fit_pca(self._pca_rows(), center=False).components
+    kernel = axes.T - np.eye(self.embed_dim, dtype=np.float32)
+    return {"params": {"out": {"kernel": kernel.astype(np.float32),
+                               "bias": np.zeros(self.embed_dim, np.float32)}}}
+
+  def _pca_rows(self) -> np.ndarray:
+    """At most :data:`PCA_MAX_ROWS` training rows (a fixed random subset), for PCA fits."""
+    train = self.data.train_rows
+    if train.size > PCA_MAX_ROWS:
+      train = np.sort(np.random.default_rng([_SPLIT_TAG, 3]).permutation(train)[:PCA_MAX_ROWS])
+    return self.data.embeddings[train]
 
   def loss_and_metrics(self, params, model_state, batch, rng):
     """:func:`~mrl_jax.losses.adaptor.adaptor_loss` of one global batch.
@@ -379,10 +437,7 @@ class AdaptorTask(base.Task):
     PCA is fit on at most :data:`PCA_MAX_ROWS` training rows (a fixed random subset).
     """
     if self._baselines is None:
-      train = self.data.train_rows
-      if train.size > PCA_MAX_ROWS:
-        train = np.sort(np.random.default_rng([_SPLIT_TAG, 3]).permutation(train)[:PCA_MAX_ROWS])
-      fit = self.data.embeddings[train]
+      fit = self._pca_rows()
       self._baselines = self._compare({"truncate": lambda x: x, "pca": fit_pca(fit),
                                        "pca_uncentred": fit_pca(fit, center=False)})
     return self._baselines
@@ -463,9 +518,21 @@ class AdaptorTask(base.Task):
         "input": {"shape": [self.embed_dim], "dtype": "float32"},
         "data": {"embeddings_file": c.embeddings_file, "queries_file": c.queries_file,
                  "pairs_file": c.pairs_file},
+        # A copy of config.text_encoder: texts -> full-size unit-norm embedding -> adaptor.
+        "text_encoder": None if c.text_encoder is None else {
+            "path": TEXT_ENCODER_DIR, "source": os.path.abspath(c.text_encoder),
+            "adaptor_input": "full-size L2-normalised text embedding"},
     }
 
   def export(self, variables: base.Variables, out_dir: str, *, step: int) -> None:
+    """``config.json``, ``model.safetensors`` (``{"params": ...}``), ``mrl_jax.json``.
+
+    With ``config.text_encoder`` its bundle is copied into ``out_dir/text_encoder``
+    (covered by this bundle's hashes) and the export embeds texts too.
+    """
+    if self.config.text_encoder is not None:
+      check_text_encoder(self.config.text_encoder, self.embed_dim)  # unchanged since training
+      shutil.copytree(self.config.text_encoder, os.path.join(out_dir, TEXT_ENCODER_DIR))
     model_config = self.model_config()
     export.write_json(os.path.join(out_dir, export.CONFIG_FILE), model_config)
     export.save_weights(out_dir, {"params": variables["params"]})
