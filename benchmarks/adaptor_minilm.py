@@ -224,10 +224,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--hidden", type=int, nargs="*", default=[512])
-  parser.add_argument("--init", choices=("identity", "pca"), default="identity",
+  parser.add_argument("--hidden", type=int, nargs="*", default=[])
+  parser.add_argument("--init", choices=("identity", "pca"), default="pca",
                       help="pca: start the linear adaptor (--hidden with no width) from PCA")
-  parser.add_argument("--lr", type=float, default=3e-3)
+  parser.add_argument("--lr", type=float, default=3e-4)
   parser.add_argument("--rank_weight", type=float, default=0.05)
   parser.add_argument("--gap", choices=("abs", "squared"), default="squared",
                       help="abs: the paper's |S - S_m|; squared measured better here")

@@ -37,6 +37,8 @@ def _config(embeddings_file, **overrides):
   config = config_lib.load_config_file(os.path.join(REPO, "configs", "adaptor.py"))
   config.embeddings_file = embeddings_file
   config.adaptor.hidden = ()
+  config.adaptor.init = "identity"  # learn the structure from truncation, not from PCA
+  config.learning_rate = 3e-3
   config.nesting.dims = DIMS
   config.batch_size = 64
   config.num_train_steps = 150
@@ -239,7 +241,8 @@ def test_train_py_runs_the_adaptor_end_to_end(files, tmp_path):
       [sys.executable, "train.py", "--config=configs/adaptor.py",
        f"--config.embeddings_file={files['x']}", f"--workdir={workdir}",
        "--config.num_train_steps=20", "--config.batch_size=64", "--config.eval_fraction=0.25",
-       "--config.adaptor.hidden=(32,)", "--config.eval_every_steps=20"],
+       "--config.adaptor.hidden=(32,)", "--config.adaptor.init=identity",
+       "--config.eval_every_steps=20"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "neighbor_recall@10" in proc.stdout and "exported the encoder" in proc.stdout
