@@ -91,7 +91,8 @@ def test_tiny_run_moves_the_structure_into_the_8_dim_prefix(trained):
   assert final["eval"] == ev
   names = experiment.task.eval_metric_names()
   assert "neighbor_recall/dim_8" in names and "neighbor_recall_pca/dim_64" in names
-  assert len(names) == 4 * len(DIMS)
+  assert len(names) == 1 + 4 * len(DIMS) and names[0] == "neighbor_recall_mean"
+  assert np.isclose(ev["neighbor_recall_mean"], np.mean(ev["neighbor_recall_per_dim"]))
   assert os.path.getsize(os.path.join(workdir, "plots", "neighbor_recall.png")) > 1000
   table = experiment.task.describe(result)
   assert "neighbor_recall@10" in table and "adaptor" in table and "pca_uncentred" in table
@@ -161,7 +162,7 @@ def test_supervised_loss_is_adaptor_loss_and_pairs_are_split_by_held_out_documen
   ev = task.evaluate({"params": params})
   for name in task.eval_metric_names():
     metric, _, dim = name.partition("/dim_")
-    assert f"{metric}_per_dim" in ev and int(dim) in (8, 64)
+    assert (f"{metric}_per_dim" in ev and int(dim) in (8, 64)) if dim else metric in ev
   assert ev["pair_recall_per_dim"].shape == (2,) and 0 <= ev["pair_ndcg_per_dim"][1] <= 1
 
 

@@ -448,7 +448,8 @@ class AdaptorTask(base.Task):
     ``neighbor_recall_per_dim`` (recall@``eval_k`` of the full-size exact neighbours
     among the held-out rows) and, supervised, ``pair_recall_per_dim`` /
     ``pair_ndcg_per_dim``; the baselines as ``<metric>_<method>_per_dim``
-    (``truncate``, ``pca``, ``pca_uncentred``). Process 0 also writes
+    (``truncate``, ``pca``, ``pca_uncentred``); and the adaptor's mean over the
+    nested dims as the scalar ``<metric>_mean``. Process 0 also writes
     ``workdir/plots/<metric>.png``.
     """
     params = variables["params"]
@@ -460,6 +461,7 @@ class AdaptorTask(base.Task):
       for method, values in by_method.items():
         key = metric if method == "adaptor" else f"{metric}_{method}"
         out[f"{key}_per_dim"] = np.asarray(values, np.float32)
+      out[f"{metric}_mean"] = float(np.mean(by_method["adaptor"]))  # the console's one number
     if jax.process_index() == 0:
       self.write_plots(table)
     return out
@@ -483,7 +485,8 @@ class AdaptorTask(base.Task):
     metrics = METRICS if self.data.supervised else METRICS[:1]
     keys = [f"{metric}{suffix}" for metric in metrics
             for suffix in ("", *(f"_{method}" for method in BASELINES))]
-    return [f"{key}/dim_{m}" for key in keys for m in self.dims]
+    return [*(f"{metric}_mean" for metric in metrics),
+            *(f"{key}/dim_{m}" for key in keys for m in self.dims)]
 
   def describe(self, result: dict[str, Any]) -> str:
     """The comparison table (one row per nested dim) and where the plots are."""
