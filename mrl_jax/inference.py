@@ -206,7 +206,9 @@ class Encoder:
     Args:
       inputs: image bundles: preprocessed float inputs ``[B, *input_shape]``
         (see :meth:`preprocess`; raw integer pixels are refused); text bundles:
-        a list of ``str``; embedding (adaptor) bundles: float32 ``[B, D_in]``.
+        a list of ``str``; embedding (adaptor) bundles: float32 ``[B, D_in]``, or a
+        list of ``str`` when the bundle holds a text encoder (``config.text_encoder``
+        of the adaptor task: text encoder, full-size L2 normalisation, adaptor).
         Any ``B``, including 0.
       dim: a trained nesting dim (default: the largest); any size up to
         ``embed_dim`` with ``allow_any_dim=True`` (Matryoshka models only).
@@ -230,7 +232,7 @@ class Encoder:
                        "embeddings: use normalize=True")
     layers = self._check_layers(layers)
     kwargs = dict(dim=dim, normalize=normalize, quantize=quantize, layers=layers)
-    if self.modality == "text":
+    if self.modality == "text" or (self.tokenizer is not None and _is_texts(inputs)):
       out = self._embed_texts(inputs, kwargs)
     else:
       out = self._embed_arrays(self._check_arrays(inputs), kwargs)
@@ -338,6 +340,11 @@ class Encoder:
         jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32))
 
 
+def _is_texts(inputs: Any) -> bool:
+  """A list (or tuple) of str: what an embedding bundle with a text encoder embeds as texts."""
+  return isinstance(inputs, (list, tuple)) and all(isinstance(t, str) for t in inputs)
+
+
 # --- loaders per modality -----------------------------------------------------------------
 
 
@@ -440,14 +447,45 @@ def _load_embedding(path: str, config: dict, metadata: dict) -> dict[str, Any]:
 
   embed_dim = int(config["embed_dim"])
   _validate_common(config, metadata, path, embed_dim)
-  model = MatryoshkaAdaptor(**config["adaptor"])
+  if list(config["input"]["shape"]) != [embed_dim]:
+    raise BundleError(f"bundle {path}: input.shape {config['input']['shape']!r} must be "
+                      f"[{embed_dim}] (embed_dim)")
+  spec = config["adaptor"]
+  unknown = set(spec) - {"hidden", "activation"}
+  if unknown:
+    raise BundleError(f"bundle {path}: unknown adaptor fields {sorted(unknown)}")
+  model = MatryoshkaAdaptor(hidden=tuple(spec.get("hidden", (512,))),
+                            activation=spec.get("activation", "relu"))
   want = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                            jnp.zeros((1, embed_dim), jnp.float32)))
   stored = export_lib.unflatten(export_lib.load_weights(path))
   export_lib.check_tree(stored, dict(want), f"bundle {path}")
+  if config.get("text_encoder") is None:
+    def forward(v, x, layers):
+      del layers
+      return model.apply(v, x)
 
-  def forward(v, x, layers):
-    del layers
-    return model.apply(v, x)
+    return {"variables": _single_device(stored), "forward": forward, "embed_dim": embed_dim}
+  # A text encoder composed with the adaptor: its bundle is the subfolder named in config.json;
+  # the adaptor reads the text encoder's full-size, L2-normalised embedding.
+  sub = config["text_encoder"]["path"]
+  if not isinstance(sub, str) or os.path.isabs(sub) or os.path.normpath(sub).startswith(".."):
+    raise BundleError(f"bundle {path}: text_encoder.path {sub!r} must be a subfolder")
+  sub = os.path.join(path, sub)
+  sub_meta = export_lib.read_metadata(sub, verify=False)  # its files are in this bundle's hashes
+  if sub_meta["modality"] != "text":
+    raise BundleError(f"bundle {path}: text_encoder {sub} is a {sub_meta['modality']} bundle")
+  text = _load_text(sub, export_lib.read_json(os.path.join(sub, export_lib.CONFIG_FILE)),
+                    sub_meta)
+  if text["embed_dim"] != embed_dim:
+    raise BundleError(f"bundle {path}: the text encoder embeds {text['embed_dim']} dims, the "
+                      f"adaptor takes {embed_dim}")
+  text_forward = text.pop("forward")
 
-  return {"variables": _single_device(stored), "forward": forward, "embed_dim": embed_dim}
+  def composed(v, inputs, layers):
+    if isinstance(inputs, tuple):  # token arrays: text encoder, then normalise
+      inputs = ops.truncate_normalize(text_forward(v["text"], inputs, layers))
+    return model.apply(v["adaptor"], inputs)
+
+  return {**text, "variables": {"adaptor": _single_device(stored), "text": text["variables"]},
+          "forward": composed, "embed_dim": embed_dim}

@@ -180,8 +180,8 @@ def test_losses_reject_bad_arguments(batch):
   e, f = batch
   with pytest.raises(ValueError, match="larger than the embedding size"):
     al.adaptor_loss(e, f, (4, 16))
-  with pytest.raises(ValueError, match="distinct"):
-    al.adaptor_loss(e, f, (4, 4), k=2)
+  with pytest.raises(ValueError, match="distinct"):  # any order is fine (stored ascending)
+    al.adaptor_loss(e, f, (4, 4))
   with pytest.raises(ValueError, match="same shape"):
     al.adaptor_loss(e, f[:, :4], (2,))
   with pytest.raises(ValueError, match="k must be"):

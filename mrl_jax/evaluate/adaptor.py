@@ -143,7 +143,9 @@ def fit_pca(train, *, center: bool = True) -> PCA:
   if n < 2:
     raise ValueError(f"PCA needs at least 2 training rows, got {n}")
   mean = x.mean(axis=0) if center else np.zeros(d)
-  _, s, vt = np.linalg.svd(x - mean, full_matrices=True)
+  # Only V is needed: the thin SVD when N >= D (never the [N, N] factor U), the full
+  # one when N < D to complete the axes to D (then U is [N, N], small).
+  _, s, vt = np.linalg.svd(x - mean, full_matrices=n < d)
   var = np.zeros(d)
   var[: s.shape[0]] = s**2 / n
   signs = np.sign(vt[np.arange(d), np.argmax(np.abs(vt), axis=1)])
