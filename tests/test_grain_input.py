@@ -184,6 +184,7 @@ def test_tfrecord_only_data_is_refused_with_the_commands_that_convert_it(digits_
     grain_input.data_source(old, "train")
   pipeline.add_array_record(old)  # what the message proposes, without Apache Beam
   assert len(grain_input.data_source(old, "train")) == 1438
+  assert len(list(old.as_dataset(split="test"))) == 359  # tf.data still reads the TFRecords
 
 
 def test_loop_resumes_exactly_and_reports_a_pipeline_change(digits_dir, tmp_path):

@@ -8,7 +8,7 @@ a formula of the step, so resuming at step ``s`` costs the same as starting:
 no record before it is read, and the iterator state is the step itself
 (stored in each checkpoint as ``data_position``).
 
-The order (what :func:`record_index` computes; the tests compare to it):
+The order (the tests compare the batches to a slow reference of it):
 
 * ``N`` records in the split; global stream positions ``g = 0, 1, 2, ...``;
   epoch ``e = g // N`` reads record ``permutation(seed, e)[g % N]`` with
@@ -66,7 +66,9 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str, *,
 
   Reads the ArrayRecord files of the data set, also when they were added to
   TFRecord data (``alternativeFileFormats`` of ``dataset_info.json``, which a
-  builder defined in code does not read back in tfds 4.9).
+  builder defined in code does not read back in tfds 4.9), through a builder
+  read from its folder: ``builder`` itself is left alone (``as_data_source``
+  switches the builder's file format, and its ``as_dataset`` would then fail).
 
   Args:
     split: a TFDS split, slices included (``"test[:64]"``).
@@ -78,33 +80,39 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str, *,
   Raises:
     ValueError: the data set has no ArrayRecord files (says how to add them).
   """
+  if builder.data_path.joinpath("dataset_info.json").exists():
+    builder = tfds.builder_from_directory(builder.data_dir)
+  # else: not prepared, or a mock (tfds.testing.mock_data) that serves it anyway.
   try:
     return builder.as_data_source(split=split, decoders=decoders)
   except NotImplementedError:
-    pass
-  try:
-    on_disk = tfds.builder_from_directory(builder.data_dir)
-  except FileNotFoundError:
-    on_disk = None
-  if on_disk is not None and tfds.core.FileFormat.ARRAY_RECORD in (
-      on_disk.info.available_file_formats()):
-    return on_disk.as_data_source(split=split, decoders=decoders)
-  raise ValueError(f"TFDS data set {builder.name!r} in {builder.data_dir} has no ArrayRecord "
-                   "files. " + CONVERT_HELP.format(name=builder.name,
-                                                   data_dir=builder.data_dir_root))
+    raise ValueError(
+        f"TFDS data set {builder.name!r} in {builder.data_dir} has no ArrayRecord files. "
+        + CONVERT_HELP.format(name=builder.name, data_dir=builder.data_dir_root)) from None
 
 
 def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
   """The record order of ``epoch``: ``np.random.default_rng([seed, epoch]).permutation(N)``.
 
   Returns:
-    int64 ``[num_records]``.
+    int64 ``[num_records]``: position ``g`` of the stream reads record
+    ``epoch_permutation(seed, g // N, N)[g % N]``.
+
+  Raises:
+    ValueError: a negative ``seed`` or ``epoch``, or ``num_records < 1``.
   """
+  if seed < 0 or epoch < 0 or num_records < 1:
+    raise ValueError(f"seed={seed} and epoch={epoch} must be >= 0 and "
+                     f"num_records={num_records} >= 1")
   return np.random.default_rng([seed, epoch]).permutation(num_records)
 
 
 class _Order:
-  """:func:`record_index` with the last two epochs' permutations kept (thread-safe)."""
+  """Position -> record (:func:`epoch_permutation`), keeping the epochs around the last one.
+
+  Thread-safe: grain's threads ask for positions near each other, at most a
+  few batches apart.
+  """
 
   def __init__(self, num_records: int, seed: int):
     self.num_records, self.seed = num_records, seed
@@ -117,15 +125,9 @@ class _Order:
       perm = self._cache.get(epoch)
       if perm is None:
         perm = epoch_permutation(self.seed, epoch, self.num_records)
-        self._cache = {e: p for e, p in self._cache.items() if e == epoch - 1}
+        self._cache = {e: p for e, p in self._cache.items() if abs(e - epoch) <= 1}
         self._cache[epoch] = perm
     return int(perm[i])
-
-
-def record_index(position: int, *, num_records: int, seed: int) -> int:
-  """The record read at global stream ``position`` (see the module docstring)."""
-  epoch, i = divmod(position, num_records)
-  return int(epoch_permutation(seed, epoch, num_records)[i])
 
 
 def global_position(local_index: int, *, batch_size: int, process_index: int,
@@ -134,8 +136,14 @@ def global_position(local_index: int, *, batch_size: int, process_index: int,
 
   ``local_index = s * b + r`` (step ``s``, row ``r`` of the local batch of
   ``b = batch_size // process_count`` rows) -> ``s * batch_size + process_index * b + r``.
+
+  Raises:
+    ValueError: ``batch_size`` does not divide over the processes, or a bad index.
   """
-  local = batch_size // process_count
+  local = _local_batch_size(batch_size, process_count)
+  if local_index < 0 or not 0 <= process_index < process_count:
+    raise ValueError(f"local_index={local_index} must be >= 0 and process_index="
+                     f"{process_index} in [0, {process_count})")
   step, row = divmod(local_index, local)
   return step * batch_size + process_index * local + row
 
@@ -173,11 +181,12 @@ def train_batches(source: Sequence[dict], *, batch_size: int, seed: int,
       example at global position ``g`` of batch ``s`` (augment it with the
       seed ``(seed, g)``).
     start_step: the first batch (resuming).
-    read_options: grain's threads and prefetch buffer (default ``grain.ReadOptions()``);
-      ``num_threads=0`` reads in the calling thread, nothing ahead.
+    read_options: grain's threads and prefetch buffer (default: 16 threads, two
+      local batches ahead); ``num_threads=0`` reads in the calling thread, nothing ahead.
     process_index, process_count: default ``jax.process_index()``/``process_count()``.
 
-  Yields:
+  Returns:
+    A grain ``DatasetIterator`` (``close()`` stops its threads) yielding
     ``transform``'s dicts stacked: ``[b, ...]`` with ``b = B // process_count``.
 
   Raises:
@@ -200,8 +209,8 @@ def train_batches(source: Sequence[dict], *, batch_size: int, seed: int,
     return transform(source[order(g)], g, g // batch_size)
 
   ds = grain.MapDataset.range(start_step * local, sys.maxsize).map(read)
-  ds = ds.to_iter_dataset(read_options or grain.ReadOptions()).batch(local, drop_remainder=True)
-  return iter(ds)
+  ds = ds.to_iter_dataset(read_options or _read_options(local))
+  return iter(ds.batch(local, drop_remainder=True))
 
 
 def eval_batches(source: Sequence[dict], *, batch_size: int,
@@ -236,7 +245,12 @@ def eval_batches(source: Sequence[dict], *, batch_size: int,
     return {**transform(source[first + i]), "mask": np.float32(1.0)}
 
   ds = grain.MapDataset.range(num_batches * local).map(read)
-  return iter(ds.to_iter_dataset(read_options or grain.ReadOptions()).batch(local))
+  return iter(ds.to_iter_dataset(read_options or _read_options(local)).batch(local))
+
+
+def _read_options(local_batch_size: int) -> grain.ReadOptions:
+  """16 threads (TF's kernels release the GIL), about two batches read ahead."""
+  return grain.ReadOptions(num_threads=16, prefetch_buffer_size=max(2 * local_batch_size, 16))
 
 
 def tf_example_fn(fn: Callable[..., dict]) -> Callable[..., dict]:
