@@ -116,10 +116,15 @@ def mock_tfds(num_examples: int):
   background threads (tmp-directory cleanup, async commits) use the same
   ``epath`` and then see rerouted paths. Creating ``data_dir`` for real instead
   keeps the fake examples and leaves the file system alone.
+
+  ``MockPolicy.USE_CODE``: the mocked ``tfds.data_source`` (the grain pipeline)
+  needs it; the default policy finds TFDS's placeholder metadata folders for
+  cifar10/imagenet2012, which hold no splits.
   """
   import tensorflow_datasets as tfds
   from tensorflow_datasets.testing import test_utils
 
   with mock.patch.object(test_utils, "MockFs", _RealDataDir), \
-       tfds.testing.mock_data(num_examples=num_examples):
+       tfds.testing.mock_data(num_examples=num_examples,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
     yield

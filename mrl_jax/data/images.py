@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -142,6 +142,62 @@ class ImageInput:
                        "config.input.style='imagenet' (crop and resize to one size)")
     return tuple(image_shape)
 
+  @property
+  def decoders(self) -> dict | None:
+    """TFDS decoders of both pipelines: the ``"imagenet"`` style reads images encoded."""
+    return {"image": tfds.decode.SkipDecoding()} if self.style == "imagenet" else None
+
+  def train_augment(self, builder: tfds.core.DatasetBuilder,
+                    steps_per_epoch: int) -> Callable[[dict, tf.Tensor, tf.Tensor], dict] | None:
+    """The random per-example map of training, shared by the tf.data and grain pipelines.
+
+    Returns:
+      ``augment(example, rng, step) -> {"image": float32 [S, S, C], "label": int32}``
+      in TF ops, where ``example = {"image": uint8 [H, W, C] (encoded bytes in the
+      "imagenet" style), "label": int32}``, ``rng`` is a stateless seed ``int64 [2]``
+      and ``step`` the 0-based index of the batch of the example; None for the
+      ``"scale"`` style (no augmentation).
+    """
+    if self.style == "scale":
+      return None
+    channels = self._channels(builder)
+    if self.style == "cifar":
+      return self._cifar_augment
+    last_epoch = math.ceil(self.ramp_epochs[1]) if self.train_sizes else 0
+    sizes = tf.constant([self.train_size(e) for e in range(last_epoch + 1)], tf.int32)
+
+    def augment(example: dict, rng: tf.Tensor, step: tf.Tensor) -> dict:
+      epoch = tf.minimum(tf.cast(step, tf.int64) // steps_per_epoch, last_epoch)
+      crop_rng, flip_rng = tf.unstack(tf.random.experimental.stateless_split(rng, 2))
+      image = decode_and_random_crop(example["image"], crop_rng, channels=channels,
+                                     area_range=self.area_range,
+                                     aspect_range=self.aspect_range)
+      size = tf.gather(sizes, epoch)
+      image = tf.image.resize(image, tf.stack([size, size]), antialias=True)
+      image = tf.image.stateless_random_flip_left_right(image, flip_rng)
+      return {"image": normalize(image, self.mean, self.std), "label": _label(example)}
+
+    return augment
+
+  def eval_preprocess(self, builder: tfds.core.DatasetBuilder) -> Callable[[dict], dict]:
+    """The deterministic per-example map of evaluation (TF ops), shared by both pipelines.
+
+    Returns:
+      ``preprocess(example) -> {"image": float32 [H, W, C], "label": int32}``.
+    """
+    if self.style == "scale":
+      return pipeline._to_float
+    if self.style == "cifar":
+      return self._cifar_eval
+    channels = self._channels(builder)
+
+    def preprocess(example: dict) -> dict:
+      image = tf.io.decode_image(example["image"], channels=channels, expand_animations=False)
+      image = resize_and_centre_crop(image, self.image_size, self.crop_ratio)
+      return {"image": normalize(image, self.mean, self.std), "label": _label(example)}
+
+    return preprocess
+
   def train_batches(self, builder: tfds.core.DatasetBuilder, split: str, *, batch_size: int,
                     seed: int, shuffle_buffer: int, steps_per_epoch: int,
                     start_step: int = 0) -> Iterator[dict]:
@@ -152,29 +208,11 @@ class ImageInput:
       :meth:`train_size` of the batch's epoch in the ``"imagenet"`` style.
     """
     kwargs = dict(batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer,
-                  start_step=start_step, cache=self.cache)
-    if self.style == "scale":
+                  start_step=start_step, cache=self.cache, decoders=self.decoders)
+    augment = self.train_augment(builder, steps_per_epoch)
+    if augment is None:
       return pipeline.train_batches(builder, split, **kwargs)
-    channels = self._channels(builder)
-    if self.style == "cifar":
-      return pipeline.train_batches(builder, split, preprocess=_select,
-                                    augment=self._cifar_augment, **kwargs)
-    last_epoch = math.ceil(self.ramp_epochs[1]) if self.train_sizes else 0
-    sizes = tf.constant([self.train_size(e) for e in range(last_epoch + 1)], tf.int32)
-
-    def augment(example: dict, rng: tf.Tensor, step: tf.Tensor) -> dict:
-      epoch = tf.minimum(step // steps_per_epoch, last_epoch)
-      crop_rng, flip_rng = tf.unstack(tf.random.experimental.stateless_split(rng, 2))
-      image = decode_and_random_crop(example["image"], crop_rng, channels=channels,
-                                     area_range=self.area_range,
-                                     aspect_range=self.aspect_range)
-      size = tf.gather(sizes, epoch)
-      image = tf.image.resize(image, tf.stack([size, size]), antialias=True)
-      image = tf.image.stateless_random_flip_left_right(image, flip_rng)
-      return {"image": normalize(image, self.mean, self.std), "label": example["label"]}
-
-    return pipeline.train_batches(builder, split, preprocess=_select, augment=augment,
-                                  decoders={"image": tfds.decode.SkipDecoding()}, **kwargs)
+    return pipeline.train_batches(builder, split, preprocess=_select, augment=augment, **kwargs)
 
   def eval_batches(self, builder: tfds.core.DatasetBuilder, split: str, *,
                    batch_size: int) -> Iterator[dict]:
@@ -183,20 +221,9 @@ class ImageInput:
     Yields:
       ``{"image": float32 [b, H, W, C], "label": int32 [b], "mask": float32 [b]}``.
     """
-    if self.style == "scale":
-      return pipeline.eval_batches(builder, split, batch_size=batch_size)
-    if self.style == "cifar":
-      return pipeline.eval_batches(builder, split, batch_size=batch_size,
-                                   preprocess=self._cifar_eval)
-    channels = self._channels(builder)
-
-    def preprocess(example: dict) -> dict:
-      image = tf.io.decode_image(example["image"], channels=channels, expand_animations=False)
-      image = resize_and_centre_crop(image, self.image_size, self.crop_ratio)
-      return {"image": normalize(image, self.mean, self.std), "label": _label(example)}
-
-    return pipeline.eval_batches(builder, split, batch_size=batch_size, preprocess=preprocess,
-                                 decoders={"image": tfds.decode.SkipDecoding()})
+    return pipeline.eval_batches(builder, split, batch_size=batch_size,
+                                 preprocess=self.eval_preprocess(builder),
+                                 decoders=self.decoders)
 
   def _channels(self, builder: tfds.core.DatasetBuilder) -> int:
     channels = builder.info.features["image"].shape[-1]
@@ -210,7 +237,7 @@ class ImageInput:
     crop_rng, flip_rng = tf.unstack(tf.random.experimental.stateless_split(rng, 2))
     image = pad_and_random_crop(tf.cast(example["image"], tf.float32), crop_rng, self.pad)
     image = tf.image.stateless_random_flip_left_right(image, flip_rng)
-    return {"image": normalize(image, self.mean, self.std), "label": example["label"]}
+    return {"image": normalize(image, self.mean, self.std), "label": _label(example)}
 
   def _cifar_eval(self, example: dict) -> dict:
     return {"image": normalize(tf.cast(example["image"], tf.float32), self.mean, self.std),

@@ -42,12 +42,57 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 
   Other data sets must already be prepared under ``data_dir``: mrl_jax never
   downloads at run time (:func:`dataset_spec` says so if they are not).
+  Local builders are written in both TFRecord and ArrayRecord
+  (:func:`add_array_record`).
   """
   if name in LOCAL_BUILDERS:
     builder = LOCAL_BUILDERS[name](data_dir=data_dir)
     builder.download_and_prepare()
+    add_array_record(builder)  # both formats: tf.data reads TFRecord, grain ArrayRecord
     return builder
   return tfds.builder(name, data_dir=data_dir)
+
+
+def add_array_record(builder: tfds.core.DatasetBuilder) -> None:
+  """Add ArrayRecord copies of a prepared TFRecord data set, in place (no Apache Beam).
+
+  Every shard ``NAME-SPLIT.tfrecord-i-of-n`` is copied record by record to
+  ``NAME-SPLIT.array_record-i-of-n`` (the serialised examples unchanged, as
+  ``tfds convert_format`` does), and ``array_record`` is added to the
+  ``alternativeFileFormats`` of ``dataset_info.json``, so ``as_dataset``
+  (tf.data) keeps reading the TFRecords and ``tfds.data_source`` (grain) reads
+  the ArrayRecords. Shards already converted are kept (a rerun resumes); a
+  data set that already has ArrayRecord files is left alone.
+
+  Raises:
+    FileNotFoundError: the data set is not prepared under its ``data_dir``.
+  """
+  from tensorflow_datasets.core import file_adapters
+
+  info, target = builder.info, file_adapters.FileFormat.ARRAY_RECORD
+  if not builder.data_path.joinpath("dataset_info.json").exists():
+    raise FileNotFoundError(f"TFDS data set {builder.name!r} is not prepared in "
+                            f"data_dir={builder.data_dir!r}")
+  on_disk = tfds.builder_from_directory(builder.data_dir).info.available_file_formats()
+  if target in on_disk:
+    return
+  read = file_adapters.ADAPTER_FOR_FORMAT[info.file_format]
+  write = file_adapters.ADAPTER_FOR_FORMAT[target]
+  for split_info in info.splits.values():
+    source = split_info.filename_template
+    dest = source.replace(filetype_suffix=target.file_suffix)
+    shards = split_info.num_shards
+    for i in range(shards):
+      out = dest.sharded_filepath(shard_index=i, num_shards=shards)
+      if out.exists():
+        continue
+      records = read.make_tf_data(source.sharded_filepath(shard_index=i, num_shards=shards))
+      partial = out.parent / (out.name + ".incomplete")
+      write.write_examples(partial, ((k, r.numpy()) for k, r in enumerate(records)))
+      partial.rename(out)
+  if target not in info.alternative_file_formats:
+    info.add_alternative_file_format(target)
+  info.write_dataset_info_json(builder.data_dir)
 
 
 def split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:

@@ -1,6 +1,9 @@
 """Image classification with nested heads (MRL, MRL-E, FF-k): the paper's task.
 
-Data: a TFDS data set (:mod:`mrl_jax.data.pipeline`, :mod:`mrl_jax.data.images`).
+Data: a TFDS data set read by grain over ArrayRecord files (:mod:`mrl_jax.data.grain_input`,
+exact resume without re-reading; the default) or by tf.data
+(``config.input_pipeline = "tf.data"``, :mod:`mrl_jax.data.pipeline`), with the image
+styles of :mod:`mrl_jax.data.images`.
 Model: ``encoder -> z [B, D] -> head`` (:class:`mrl_jax.models.Classifier`);
 loss: the summed, weighted nested softmax cross-entropy with label smoothing
 (Kusupati et al. 2022, eq. 1). Metrics per nested dim: loss and top-1.
@@ -40,8 +43,10 @@ class ClassificationTask(base.Task):
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
-    from mrl_jax.data import images
+    from mrl_jax.data import grain_input, images
 
+    config_lib.choice(config.get("input_pipeline", "grain"), "input_pipeline",
+                      grain_input.PIPELINES)
     config_lib.choice(config.head, "head", HEADS)
     nesting = config_lib.fill_nesting(config, config.encoder.embed_dim)
     if config.head == "ff":
@@ -59,12 +64,15 @@ class ClassificationTask(base.Task):
 
   def __init__(self, config: ml_collections.ConfigDict, *, workdir: str,
                mesh: jax.sharding.Mesh):
-    from mrl_jax.data import images, pipeline
+    from mrl_jax.data import grain_input, images, pipeline
 
     super().__init__(config, workdir=workdir, mesh=mesh)
     self.builder = pipeline.get_builder(config.dataset, config.data_dir)
     self.spec = pipeline.dataset_spec(self.builder, config.train_split, config.eval_split)
     self.input = images.ImageInput.from_config(config)
+    self.input_pipeline = config.get("input_pipeline", "grain")
+    if self.input_pipeline == "grain":  # no ArrayRecord files: says how to add them
+      grain_input.data_source(self.builder, config.train_split, decoders=self.input.decoders)
     self.steps_per_epoch = max(self.spec.num_train_examples // config.batch_size, 1)
     self._build(self.spec.num_classes, self.input.model_input_shape(self.spec.image_shape))
 
@@ -76,6 +84,7 @@ class ClassificationTask(base.Task):
     task = cls.__new__(cls)
     base.Task.__init__(task, config, workdir="", mesh=mesh)
     task.steps_per_epoch = steps_per_epoch
+    task.input_pipeline = config.get("input_pipeline", "grain")
     task._build(num_classes, tuple(input_shape))
     return task
 
@@ -108,20 +117,36 @@ class ClassificationTask(base.Task):
   # --- data -------------------------------------------------------------------------
 
   def train_batches(self, start_step: int) -> Iterator[base.Batch]:
+    """grain: reads no record before ``start_step``; tf.data: reads and skips them."""
+    from mrl_jax.data import grain_input
+
     c = self.config
+    if self.input_pipeline == "grain":
+      return grain_input.image_train_batches(
+          self.input, self.builder, c.train_split, batch_size=c.batch_size, seed=c.seed,
+          steps_per_epoch=self.steps_per_epoch, start_step=start_step)
     return self.input.train_batches(
         self.builder, c.train_split, batch_size=c.batch_size, seed=c.seed,
         shuffle_buffer=c.shuffle_buffer, steps_per_epoch=self.steps_per_epoch,
         start_step=start_step)
 
   def data_position(self, step: int) -> dict[str, Any]:
-    return {**super().data_position(step), "train_split": self.config.train_split,
-            "shuffle_buffer": self.config.shuffle_buffer}
+    """grain's order is global: the process count and shuffle buffer do not change it."""
+    position = {**super().data_position(step), "train_split": self.config.train_split}
+    if self.input_pipeline == "grain":
+      del position["process_count"]
+      return {**position, "input_pipeline": "grain"}
+    return {**position, "shuffle_buffer": self.config.shuffle_buffer}
 
   def eval_batches(self, split: str | None = None) -> Iterable[dict]:
     """A padded, masked pass over ``split`` (default: the config's eval split)."""
-    return self.input.eval_batches(self.builder, split or self.config.eval_split,
-                                   batch_size=self.config.batch_size)
+    from mrl_jax.data import grain_input
+
+    split = split or self.config.eval_split
+    if self.input_pipeline == "grain":
+      return grain_input.image_eval_batches(self.input, self.builder, split,
+                                            batch_size=self.config.batch_size)
+    return self.input.eval_batches(self.builder, split, batch_size=self.config.batch_size)
 
   # --- evaluation ---------------------------------------------------------------------
 
