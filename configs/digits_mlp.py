@@ -21,7 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = placeholder(str)  # None: TFDS's default (~/tensorflow_datasets)
   config.train_split = "train"
   config.eval_split = "test"
-  config.shuffle_buffer = 2048
+  config.shuffle_buffer = 2048  # tf.data only (grain permutes the whole split each epoch)
+  # "grain": random access over ArrayRecord, O(1) exact resume; "tf.data": TFRecord, a
+  # resume re-reads every batch before its step.
+  config.input_pipeline = "grain"
 
   # Model: encoder -> embedding z[B, 64] -> nested heads on z[:, :m].
   config.encoder = ml_collections.ConfigDict(dict(name="mlp", embed_dim=64, hidden=(256, 256)))

@@ -45,7 +45,7 @@ class ClassificationTask(base.Task):
   def validate(cls, config: ml_collections.ConfigDict) -> None:
     from mrl_jax.data import grain_input, images
 
-    config_lib.choice(config.get("input_pipeline", "grain"), "input_pipeline",
+    config_lib.choice(config.input_pipeline, "input_pipeline",
                       grain_input.PIPELINES)
     config_lib.choice(config.head, "head", HEADS)
     nesting = config_lib.fill_nesting(config, config.encoder.embed_dim)
@@ -70,7 +70,7 @@ class ClassificationTask(base.Task):
     self.builder = pipeline.get_builder(config.dataset, config.data_dir)
     self.spec = pipeline.dataset_spec(self.builder, config.train_split, config.eval_split)
     self.input = images.ImageInput.from_config(config)
-    self.input_pipeline = config.get("input_pipeline", "grain")
+    self.input_pipeline = config.input_pipeline
     if self.input_pipeline == "grain":  # no ArrayRecord files: says how to add them
       grain_input.data_source(self.builder, config.train_split, decoders=self.input.decoders)
     self.steps_per_epoch = max(self.spec.num_train_examples // config.batch_size, 1)
@@ -84,7 +84,7 @@ class ClassificationTask(base.Task):
     task = cls.__new__(cls)
     base.Task.__init__(task, config, workdir="", mesh=mesh)
     task.steps_per_epoch = steps_per_epoch
-    task.input_pipeline = config.get("input_pipeline", "grain")
+    task.input_pipeline = config.input_pipeline
     task._build(num_classes, tuple(input_shape))
     return task
 
