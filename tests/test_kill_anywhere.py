@@ -138,6 +138,7 @@ def test_sigkill_at_random_moments_then_rerun_is_exact_and_exports_always_load(d
       np.testing.assert_array_equal(got, want)
     assert _weights(bundle) == want_weights
     Encoder.load(bundle)
+  print("kill moments:", moments, "\nstates left on disk:", disks)
   # Not vacuous: every kill landed, at different moments, and left different states on disk,
   # among them an unfinished checkpoint write and an unfinished export.
   assert len({(m["event"], m["last_step"]) for m in moments}) == len(moments), moments
