@@ -15,27 +15,28 @@ import numpy as np
 import optax
 
 
-def _check_features(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_features(x: np.ndarray, y: np.ndarray, x_name: str,
+                    y_name: str) -> tuple[np.ndarray, np.ndarray]:
   x, y = np.asarray(x), np.asarray(y)
   if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1 or x.dtype.kind != "f":
-    raise ValueError(f"{name}_x must be float features [N, d] with N, d >= 1, got dtype "
+    raise ValueError(f"{x_name} must be float features [N, d] with N, d >= 1, got dtype "
                      f"{x.dtype} and shape {x.shape}")
   if y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
-    raise ValueError(f"{name}_y must be [N] = [{x.shape[0]}] integer classes, got dtype "
+    raise ValueError(f"{y_name} must be [N] = [{x.shape[0]}] integer classes, got dtype "
                      f"{y.dtype} and shape {y.shape}")
   bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
   if bad.size:
-    raise ValueError(f"{name}_x has NaN/inf in {bad.size} of {len(x)} rows: "
+    raise ValueError(f"{x_name} has NaN/inf in {bad.size} of {len(x)} rows: "
                      f"{bad[:10].tolist()}")
   return x, y
 
 
-def _check_classes(y: np.ndarray, num_classes: int, name: str) -> None:
+def _check_classes(y: np.ndarray, num_classes: int, y_name: str) -> None:
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
       or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   if y.size and (y.min() < 0 or y.max() >= num_classes):
-    raise ValueError(f"{name}_y must be classes in [0, num_classes={num_classes}), got values "
+    raise ValueError(f"{y_name} must be classes in [0, num_classes={num_classes}), got values "
                      f"in [{y.min()}, {y.max()}]")
 
 
@@ -60,8 +61,8 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, num_classes: int,
       ``steps < 1``, ``learning_rate`` not positive and finite, ``l2`` not
       finite and ``>= 0``.
   """
-  train_x, train_y = _check_features(train_x, train_y, "train")
-  _check_classes(train_y, num_classes, "train")
+  train_x, train_y = _check_features(train_x, train_y, "train_x", "train_y")
+  _check_classes(train_y, num_classes, "train_y")
   if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be an int >= 1, got {steps!r}")
   for name, value, low in (("learning_rate", learning_rate, "> 0"), ("l2", l2, ">= 0")):
@@ -105,9 +106,9 @@ def truncated_probe_accuracy(train_z: np.ndarray, train_y: np.ndarray, test_z: n
     ValueError: as :func:`fit_linear_probe`, test features of another width,
       or a ``k`` outside ``[1, d]``.
   """
-  train_z, train_y = _check_features(train_z, train_y, "train")
-  test_z, test_y = _check_features(test_z, test_y, "test")
-  _check_classes(test_y, num_classes, "test")
+  train_z, train_y = _check_features(train_z, train_y, "train_z", "train_y")
+  test_z, test_y = _check_features(test_z, test_y, "test_z", "test_y")
+  _check_classes(test_y, num_classes, "test_y")
   width = train_z.shape[1]
   if test_z.shape[1] != width:
     raise ValueError(f"train_z and test_z must have the same width, got {width} and "

@@ -273,6 +273,9 @@ FUNCTION_ERRORS = [
     ("probe 1-D features", lambda: probe.fit_linear_probe(A[0], LABELS, 5), r"\[N, d\]"),
     ("truncated probe dim past d", lambda: probe.truncated_probe_accuracy(
         A, LABELS, A, LABELS, (4, 16), 5), r"dims must be ints in \[1, 8\]"),
+    ("truncated probe NaN test features", lambda: probe.truncated_probe_accuracy(
+        A, LABELS, np.where(np.eye(8) > 0, np.inf, A), LABELS, (4,), 5),
+     r"test_z has NaN/inf in 8 of 8 rows"),
     ("truncated probe widths", lambda: probe.truncated_probe_accuracy(
         A, LABELS, A[:, :4], LABELS, (4,), 5), "same width"),
 ]
