@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NORM_EPS = 1e-12
 QUANTIZATIONS = (None, "int8", "binary")
@@ -50,11 +51,23 @@ def quantize(z: jax.Array, kind: str | None) -> jax.Array:
   ``[..., m]``; ``"binary"``: the sign bits ``z > 0`` packed big-endian into
   uint8 ``[..., ceil(m / 8)]`` (as ``np.packbits``).
 
+  A NaN would quantise to an all-zero code (and an inf to a saturated one), a
+  valid-looking but meaningless vector: called on a concrete array, rows with
+  a NaN or inf are refused; under ``jit`` the values cannot be inspected, so
+  check the inputs first (as :meth:`mrl_jax.inference.Encoder.embed` does).
+
   Raises:
-    ValueError: ``kind`` is not one of :data:`QUANTIZATIONS`.
+    ValueError: ``kind`` is not one of :data:`QUANTIZATIONS`, or (outside
+      ``jit``) ``z`` has rows with a NaN or inf (naming them).
   """
   if kind not in QUANTIZATIONS:
     raise ValueError(f"quantize={kind!r}; choose one of {QUANTIZATIONS}")
+  if kind is not None and not isinstance(z, jax.core.Tracer) and np.size(z):
+    values = np.atleast_1d(np.asarray(z))
+    bad = np.flatnonzero(~np.isfinite(values.reshape(-1, values.shape[-1])).all(axis=1))
+    if bad.size:
+      raise ValueError(f"cannot quantise non-finite embeddings: rows {bad[:10].tolist()} of z "
+                       f"(as [-1, {values.shape[-1]}]) hold NaN or inf")
   if kind == "int8":
     return jnp.clip(jnp.round(z * 127.0), -127, 127).astype(jnp.int8)
   if kind == "binary":

@@ -24,6 +24,13 @@ def _check_logits_labels(logits: jax.Array, labels: jax.Array) -> None:
                      f"{np.shape(labels)}")
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
     raise ValueError(f"labels must be integer class ids, got dtype {jnp.result_type(labels)}")
+  if not isinstance(labels, jax.core.Tracer):  # under jit the ids cannot be inspected
+    ids = np.asarray(labels)
+    bad = np.flatnonzero((ids < 0) | (ids >= np.shape(logits)[2]))
+    if bad.size:
+      raise ValueError(f"labels must be class ids in [0, {np.shape(logits)[2]}) (C = "
+                       f"logits.shape[-1]); got {ids[bad[0]]} at index {bad[0]} "
+                       f"({bad.size} out of range)")
 
 
 def softmax_cross_entropy_per_dim(
@@ -41,14 +48,16 @@ def softmax_cross_entropy_per_dim(
 
   Args:
     logits: ``[M, B, C]`` (any float dtype, e.g. bfloat16).
-    labels: ``[B]`` integer class ids.
+    labels: ``[B]`` integer class ids in ``[0, C)`` (checked when concrete; an id
+      out of range would give a NaN loss).
     label_smoothing: ``eps`` in ``[0, 1)``.
 
   Returns:
     ``[M, B]`` float32 losses.
 
   Raises:
-    ValueError: wrong ranks, dtypes or batch sizes, or ``label_smoothing`` outside ``[0, 1)``.
+    ValueError: wrong ranks, dtypes or batch sizes, a (concrete) label outside
+      ``[0, C)``, or ``label_smoothing`` outside ``[0, 1)``.
   """
   _check_logits_labels(logits, labels)
   check_label_smoothing(label_smoothing)

@@ -159,19 +159,26 @@ def cosent(a: jax.Array, b: jax.Array, scores: jax.Array, *, scale: float = 20.0
   Args:
     a: ``[B, D]``.
     b: ``[B, D]``.
-    scores: ``[B]`` gold similarity of each pair (any real scale).
+    scores: ``[B]`` gold similarity of each pair (any real scale, finite: a NaN
+      score is never ranked, so it would drop its pairs silently).
     scale: inverse temperature ``> 0``.
 
   Returns:
     A float32 scalar.
 
   Raises:
-    ValueError: mismatched shapes, ``scores`` not ``[B]``, or a bad ``scale``.
+    ValueError: mismatched shapes, ``scores`` not ``[B]``, (concrete) scores
+      with a NaN or inf, or a bad ``scale``.
   """
   check_pair(a, b, "a", "b")
   check_positive("scale", scale)
   if np.shape(scores) != (np.shape(a)[0],):
     raise ValueError(f"scores must be [B] = [{np.shape(a)[0]}], got shape {np.shape(scores)}")
+  if not isinstance(scores, jax.core.Tracer):
+    bad = np.flatnonzero(~np.isfinite(np.asarray(scores, np.float64)))
+    if bad.size:
+      raise ValueError(f"scores must be finite; {bad.size} are NaN/inf (first at index "
+                       f"{bad[0]})")
   scores = jnp.asarray(scores, jnp.float32)
   s = scale * jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
   diff = s[None, :] - s[:, None]  # [i, j] = s_j - s_i
