@@ -161,10 +161,11 @@ def _check_shared(config: ml_collections.ConfigDict, num_devices: int | None) ->
   if num_devices and batch % num_devices:
     raise ValueError(f"config.batch_size={batch} does not divide evenly over {num_devices} "
                      "devices")
-  if (config.num_train_steps is None) == (config.num_epochs is None):
-    raise ValueError("set exactly one of config.num_train_steps and config.num_epochs")
+  if config.num_train_steps is None and config.num_epochs is None:
+    raise ValueError("set config.num_train_steps or config.num_epochs")
   if config.num_train_steps is not None:
     positive_int(config.num_train_steps, "num_train_steps")
+    config.num_epochs = None  # a step count that is set wins (--config.num_train_steps=N)
   else:
     if not (_is_number(config.num_epochs) and math.isfinite(config.num_epochs)
             and config.num_epochs > 0):

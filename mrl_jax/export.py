@@ -68,6 +68,7 @@ def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
   out_dir = os.path.abspath(out_dir)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    _remove_leftovers(out_dir)
     tmp = fileio.make_temp_dir(out_dir)
     try:
       write(tmp)
@@ -77,6 +78,26 @@ def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
       raise
   multihost_utils.sync_global_devices(f"mrl_jax export: wrote {out_dir}")
   return out_dir
+
+
+def _remove_leftovers(out_dir: str) -> None:
+  """Delete ``<out_dir>.tmp-*`` / ``.old-*`` siblings left by a killed export (as Orbax does).
+
+  A leftover ``.old-*`` is only deleted while ``out_dir`` itself is complete; if a
+  kill fell between the two renames of a swap, the ``.old-*`` bundle is put back.
+  """
+  parent, base = os.path.split(out_dir)
+  for name in sorted(os.listdir(parent)):
+    path = os.path.join(parent, name)
+    if name.startswith(f"{base}.tmp-"):
+      shutil.rmtree(path, ignore_errors=True)
+    elif name.startswith(f"{base}.old-"):
+      if os.path.isfile(os.path.join(out_dir, METADATA_FILE)):
+        shutil.rmtree(path, ignore_errors=True)
+      elif os.path.isfile(os.path.join(path, METADATA_FILE)):
+        if os.path.lexists(out_dir):
+          shutil.rmtree(out_dir, ignore_errors=True)
+        os.rename(path, out_dir)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:

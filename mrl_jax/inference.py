@@ -96,7 +96,7 @@ class Encoder:
     self.is_matryoshka = bool(metadata["is_matryoshka"])
     self._forward = forward
     self._heads = heads
-    self._embed = jax.jit(self._embed_fn, static_argnames=("dim", "normalize", "quantize",
+    self._embed = jax.jit(self._embed_fn_checked, static_argnames=("dim", "normalize", "quantize",
                                                              "layers"))
 
   # --- properties -------------------------------------------------------------------
@@ -158,6 +158,23 @@ class Encoder:
   def _embed_fn(self, variables, inputs, *, dim, normalize, quantize, layers):
     z = self._forward(variables, inputs, layers)
     return ops.quantize(ops.truncate_normalize(z, dim, normalize=normalize), quantize)
+
+  def _embed_fn_checked(self, variables, inputs, *, dim, normalize, quantize, layers):
+    """:meth:`_embed_fn` plus a per-row flag: is the model's full embedding finite?"""
+    z = self._forward(variables, inputs, layers)
+    out = ops.quantize(ops.truncate_normalize(z, dim, normalize=normalize), quantize)
+    return out, jnp.all(jnp.isfinite(z), axis=-1)
+
+  def _run(self, inputs: Any, rows: int, kwargs: dict) -> np.ndarray:
+    """One padded chunk through the jitted embed; the model's NaN/inf rows are refused
+    (quantised, they would become all-zero codes)."""
+    out, finite = self._embed(self.variables, inputs, **kwargs)
+    finite = np.asarray(finite)[:rows]
+    if not finite.all():
+      raise ValueError(f"the model produced NaN/inf embeddings for rows "
+                       f"{np.flatnonzero(~finite)[:10].tolist()} of this chunk (finite inputs); "
+                       "nothing is served for them")
+    return np.asarray(out)[:rows]
 
   def check_dim(self, dim: int | None, allow_any_dim: bool = False) -> int:
     """``dim`` (default: the largest trained dim) after checking it is servable.
@@ -264,7 +281,7 @@ class Encoder:
       chunk = x[start:start + size]
       if padded > size:
         chunk = np.concatenate([chunk, np.zeros((padded - size, *x.shape[1:]), np.float32)])
-      out.append(np.asarray(self._embed(self.variables, chunk, **kwargs))[:size])
+      out.append(self._run(chunk, size, kwargs))
     return np.concatenate(out) if out else None
 
   def _embed_texts(self, texts: Any, kwargs: dict) -> np.ndarray | None:
@@ -282,7 +299,7 @@ class Encoder:
       for i, e in enumerate(encodings):
         n = len(e.ids)
         ids[i, :n], mask[i, :n], types[i, :n] = e.ids, e.attention_mask, e.type_ids
-      out.append(np.asarray(self._embed(self.variables, (ids, mask, types), **kwargs))[:size])
+      out.append(self._run((ids, mask, types), size, kwargs))
     return np.concatenate(out) if out else None
 
   def preprocess(self, raw: np.ndarray) -> np.ndarray:

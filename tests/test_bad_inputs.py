@@ -80,11 +80,6 @@ def _parse_cli(config_file: str, *args: str):
   return values.config
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "issue 15 kind 1: the ImageNet/CIFAR/ViT configs set num_epochs, so "
-    "--config.num_train_steps=N ends in 'set exactly one of config.num_train_steps and "
-    "config.num_epochs', and --config.num_epochs=None is not a valid float flag. Needs "
-    "config_lib (lead's file): a num_train_steps that is set wins over num_epochs."))
 @pytest.mark.parametrize("config_file", ["cifar10_resnet18.py", "imagenet_resnet50.py",
                                          "imagenet_vit_b16.py"])
 def test_num_train_steps_overrides_the_epochs_of_the_paper_configs(config_file):

@@ -19,7 +19,7 @@ def test_derived_fields_are_filled_in():
     (dict(schedule="step"), "schedule='step'"),
     (dict(label_smoothing=1.0), "label_smoothing=1.0"),
     (dict(batch_size=0), "batch_size must be a positive int, got 0"),
-    (dict(num_epochs=3.0), "exactly one of"),
+    (dict(num_train_steps=None), "set config.num_train_steps or config.num_epochs"),
     (dict(log_every_steps=0), "log_every_steps must be a positive int"),
 ])
 def test_bad_fields_are_named(overrides, match):

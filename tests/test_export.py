@@ -201,3 +201,23 @@ def test_bundle_preprocessing_matches_each_image_pipeline_style():
   np.testing.assert_allclose(encoder.preprocess(raw), want, rtol=1e-5, atol=1e-5)
   encoder.config = {"preprocessing": preprocessing_info({})}  # the digits ("scale") style
   np.testing.assert_allclose(encoder.preprocess(raw), raw / 255.0, rtol=1e-6)
+
+
+def test_nan_embeddings_from_the_model_itself_are_refused_not_quantised_to_zero(trained):
+  encoder = Encoder.load(trained["path"])
+  encoder.variables = jax.tree.map(lambda v: v * np.nan, encoder.variables)  # a broken model
+  for quantize in (None, "int8", "binary"):
+    with pytest.raises(ValueError, match=r"model produced NaN/inf embeddings for rows \[0, 1"):
+      encoder.embed(trained["x"][:3], dim=4, quantize=quantize)
+
+
+def test_a_killed_exports_leftovers_are_cleaned_by_the_next_export(trained, tmp_path):
+  out = str(tmp_path / "encoder")
+  export.export_encoder(trained["workdir"], out)
+  shutil.copytree(out, out + ".tmp-deadbeef")  # as a kill mid-write leaves it
+  export.export_encoder(trained["workdir"], out)
+  assert sorted(os.listdir(tmp_path)) == ["encoder"]
+  os.rename(out, out + ".old-12345678")  # a kill between the two renames of a swap
+  export._remove_leftovers(out)  # the next export puts the complete old bundle back first
+  assert sorted(os.listdir(tmp_path)) == ["encoder"]
+  Encoder.load(out)
