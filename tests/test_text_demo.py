@@ -51,7 +51,6 @@ def _reference(anchors, positives, dims):
   return out
 
 
-@pytest.mark.slow
 def test_text_demo_rows_match_a_numpy_reference_and_finished_runs_are_reused(corpus, tmp_path):
   results = demo.run_text_demo(_config(corpus), str(tmp_path), eval_pairs=EVAL_PAIRS,
                                progress=False)
