@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m mrl_jax.demo --workdir=$(WORKDIR)
+	$(PY) -m mrl_jax.demo --workdir=$(WORKDIR) --text_config=configs/text_stdlib.py:$(WORKDIR)/text/corpus
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=15 tests
