@@ -371,7 +371,9 @@ def _single_device(tree: Any) -> Any:
 
 
 def _validate_common(config: dict, metadata: dict, path: str, embed_dim: int) -> None:
-  if config.get("matryoshka_dimensions") != metadata["matryoshka_dimensions"]:
+  # A config.json without dims is an ordinary (non-Matryoshka) Hugging Face model.
+  if ("matryoshka_dimensions" in config
+      and config["matryoshka_dimensions"] != metadata["matryoshka_dimensions"]):
     raise BundleError(f"bundle {path}: matryoshka_dimensions differ between config.json "
                       f"{config.get('matryoshka_dimensions')} and mrl_jax.json "
                       f"{metadata['matryoshka_dimensions']}")

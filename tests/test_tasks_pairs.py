@@ -108,7 +108,7 @@ def test_cached_step_equals_the_full_batch_step_with_hard_negatives(tmp_path):
   cached = _task(tmp_path / "b", train_file=negatives, batch_size=8, symmetric=True,
                  mini_batch_size=2)
   params = full.init_variables(jax.random.PRNGKey(0))["params"]
-  batch = jax.tree.map(jnp.asarray, next(full.train_batches(0)))
+  batch = jax.tree.map(jnp.asarray, next(cached.train_batches(0)))  # one padded length
   assert batch["negative"]["input_ids"].ndim == 3
   rng = jax.random.PRNGKey(3)
   (want, (_, want_m)), want_g = jax.jit(full.value_and_grad)(params, {}, batch, rng)
@@ -117,3 +117,15 @@ def test_cached_step_equals_the_full_batch_step_with_hard_negatives(tmp_path):
   np.testing.assert_allclose(got_m["loss_per_dim"], want_m["loss_per_dim"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                got_g, want_g)
+
+
+def test_a_single_nesting_dim_exports_an_ordinary_model(tmp_path):
+  result = train_lib.train_and_evaluate(tiny_text_config(num_train_steps=2,
+                                                         nesting={"dims": (32,)}),
+                                        str(tmp_path), progress=False)
+  config = json.load(open(os.path.join(result["export_dir"], "config.json")))
+  assert config["is_matryoshka"] is False and "matryoshka_dimensions" not in config
+  encoder = Encoder.load(result["export_dir"])
+  assert not encoder.is_matryoshka and encoder.dims == (32,)
+  with pytest.raises(ValueError, match="is_matryoshka=false"):
+    encoder.embed(["a cat"], dim=8, allow_any_dim=True)

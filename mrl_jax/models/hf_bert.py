@@ -650,8 +650,9 @@ def read_sentence_transformer(path: str) -> SentenceTransformerInfo:
 
   _check_tensors(file("model.safetensors"), config)
   mrl = read_mrl_metadata(root)
-  if mrl is not None and "matryoshka_dimensions" in mrl and (
-      list(mrl["matryoshka_dimensions"]) != list(dims)):
+  # A non-Matryoshka folder lists no dims; mrl_jax.json then names the one trained size.
+  if mrl is not None and "matryoshka_dimensions" in mrl and (dims or mrl.get("is_matryoshka")) \
+      and list(mrl["matryoshka_dimensions"]) != list(dims):
     raise BundleError(f"{file(MRL_METADATA_FILE)}: matryoshka_dimensions="
                       f"{mrl['matryoshka_dimensions']} differ from config.json's {list(dims)}")
   return SentenceTransformerInfo(

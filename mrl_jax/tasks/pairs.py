@@ -236,9 +236,7 @@ class PairsTask(base.Task):
   @staticmethod
   def _joined(batch) -> dict[str, jax.Array]:
     """Anchors, positives, then the flattened negatives: ``{key: [B (2 + K), T]}``."""
-    parts = [batch["anchor"], batch["positive"]]
-    if "negative" in batch:
-      parts.append(jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch["negative"]))
+    parts = PairsTask._columns(batch)
     return {k: jnp.concatenate([p[k] for p in parts]) for k in _TOKEN_KEYS}
 
   def _split_loss(self, pooled, size, has_negatives, loss_rng):
@@ -255,9 +253,10 @@ class PairsTask(base.Task):
   def loss_and_metrics(self, params, model_state, batch, rng):
     """In-batch softmax over anchors, positives and (optional) hard negatives ``[B, K, T]``.
 
-    One encoder forward over every text of the batch (all padded to one bucket
-    length); the embeddings are split back into anchors ``[B, D]``, positives
-    ``[B, D]`` and negatives ``[B, K, D]``.
+    One encoder forward per column, each padded to its own bucket length (short
+    queries stay short); with the 2-D loss or the cached step, one forward over
+    every text padded to one length. The embeddings are anchors ``[B, D]``,
+    positives ``[B, D]`` and negatives ``[B, K, D]``.
     """
     dropout_rng, loss_rng = jax.random.split(rng)
     size = batch["anchor"]["input_ids"].shape[0]
@@ -266,9 +265,18 @@ class PairsTask(base.Task):
       loss = self._loss(layers[:, :size], layers[:, size:2 * size], rng=loss_rng)
       _, metrics = self._split_loss(pooled, size, "negative" in batch, loss_rng)
       return loss, (model_state, metrics)
-    pooled = self._embed(params, self._joined(batch), dropout_rng)
+    pooled = jnp.concatenate([self._embed(params, part, jax.random.fold_in(dropout_rng, i))
+                              for i, part in enumerate(self._columns(batch))])
     loss, metrics = self._split_loss(pooled, size, "negative" in batch, loss_rng)
     return loss, (model_state, metrics)
+
+  @staticmethod
+  def _columns(batch) -> list[dict[str, jax.Array]]:
+    """Anchors, positives, the flattened negatives: one ``{key: [rows, T_column]}`` each."""
+    parts = [batch["anchor"], batch["positive"]]
+    if "negative" in batch:
+      parts.append(jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch["negative"]))
+    return parts
 
   def value_and_grad(self, params, model_state, batch, rng):
     """With ``config.mini_batch_size``: GradCache (:func:`~mrl_jax.losses.cached_value_and_grad`).
@@ -294,17 +302,19 @@ class PairsTask(base.Task):
   # --- data -------------------------------------------------------------------------
 
   def train_batches(self, start_step: int) -> Iterator[base.Batch]:
-    """Batch ``s`` is :meth:`PairMixture.batch` ``(s)`` padded to one bucket length.
+    """Batch ``s`` is :meth:`PairMixture.batch` ``(s)``, each column padded to a bucket length.
 
-    The global batch is tokenised so that every process pads to the same length,
-    then this process keeps its rows. Nothing before ``start_step`` is read.
+    The global batch is tokenised so that every process pads to the same lengths,
+    then this process keeps its rows. Nothing before ``start_step`` is read. The
+    2-D loss and the cached step run one forward over all texts: one length.
     """
+    shared = self.config.loss == "2d" or self.config.mini_batch_size is not None
     local = self.config.batch_size // jax.process_count()
     rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     step = start_step
     while True:
       arrays = tokenize_pairs(self.tokenizer, self.mixture.batch(step), buckets=self.buckets,
-                              shared_length=True)
+                              shared_length=shared)
       yield jax.tree.map(lambda x: x[rows], arrays)
       step += 1
 
@@ -344,14 +354,18 @@ class PairsTask(base.Task):
   def export(self, variables: base.Variables, out_dir: str, *, step: int) -> None:
     from mrl_jax.models.hf_bert import save_sentence_transformer
 
+    # One nesting dim is an ordinary model: serving engines must not truncate it.
+    is_matryoshka = len(self.dims) > 1
     save_sentence_transformer(
         out_dir, params=variables["params"], config=self.model.config,
         tokenizer=self.tokenizer.tokenizer, pooling=self.model.pooling,
-        max_seq_length=self.tokenizer.max_length, matryoshka_dimensions=self.dims,
-        normalize=True, overwrite=True)
+        max_seq_length=self.tokenizer.max_length,
+        matryoshka_dimensions=self.dims if is_matryoshka else (), normalize=True,
+        overwrite=True)
     export.write_metadata(
         out_dir, modality="text", dims=list(self.dims),
-        weights=[float(w) for w in np.asarray(self.weights)], is_matryoshka=True, step=step,
+        weights=[float(w) for w in np.asarray(self.weights)], is_matryoshka=is_matryoshka,
+        step=step,
         task=self.name, training_config=config_lib.plain(self.config.to_dict()))
 
 
