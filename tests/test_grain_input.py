@@ -65,6 +65,18 @@ def test_resume_at_a_late_step_reads_no_skipped_record_and_repeats_the_run():
   assert len(threaded.reads) <= 2 + 6
 
 
+def test_one_element_per_batch_gives_the_same_batches_and_reads():
+  kw = dict(batch_size=4, seed=3, transform=_toy_transform, read_options=SEQUENTIAL,
+            process_index=0, process_count=2)
+  per_example = _take(grain_input.train_batches(_toy(), start_step=7, **kw), 9)
+  source = CountingSource(_toy())
+  per_batch = _take(grain_input.train_batches(source, start_step=7, per_batch=True, **kw), 9)
+  assert len(source.reads) == 9 * 2  # still only the yielded rows
+  for want, have in zip(per_example, per_batch, strict=True):
+    for key in want:
+      np.testing.assert_array_equal(want[key], have[key])
+
+
 def test_batches_follow_the_documented_order(digits_dir):
   """A slow reference of the module docstring's order, across an epoch boundary."""
   builder = pipeline.get_builder("sklearn_digits", digits_dir)

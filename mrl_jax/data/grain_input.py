@@ -167,7 +167,7 @@ def train_batches(source: Sequence[dict], *, batch_size: int, seed: int,
                   transform: TrainTransform, start_step: int = 0,
                   read_options: grain.ReadOptions | None = None,
                   process_index: int | None = None,
-                  process_count: int | None = None) -> Iterator[dict]:
+                  process_count: int | None = None, per_batch: bool = False) -> Iterator[dict]:
   """This process's rows of every global train batch from ``start_step`` on (endless).
 
   Reads only the records of the batches it yields (plus ``read_options``'
@@ -184,6 +184,9 @@ def train_batches(source: Sequence[dict], *, batch_size: int, seed: int,
     read_options: grain's threads and prefetch buffer (default: 16 threads, two
       local batches ahead); ``num_threads=0`` reads in the calling thread, nothing ahead.
     process_index, process_count: default ``jax.process_index()``/``process_count()``.
+    per_batch: one grain element per batch instead of per example (for an
+      in-memory source with a cheap transform, where grain's per-element
+      overhead would dominate); the same batches either way.
 
   Returns:
     A grain ``DatasetIterator`` (``close()`` stops its threads) yielding
@@ -208,6 +211,14 @@ def train_batches(source: Sequence[dict], *, batch_size: int, seed: int,
     g = position(local_index)
     return transform(source[order(g)], g, g // batch_size)
 
+  if per_batch:
+    def read_batch(step: int) -> dict:
+      rows = [read(step * local + i) for i in range(local)]
+      return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    ds = grain.MapDataset.range(start_step, sys.maxsize).map(read_batch)
+    return iter(ds.to_iter_dataset(read_options or grain.ReadOptions(
+        num_threads=2, prefetch_buffer_size=2)))
   ds = grain.MapDataset.range(start_step * local, sys.maxsize).map(read)
   ds = ds.to_iter_dataset(read_options or _read_options(local))
   return iter(ds.batch(local, drop_remainder=True))
@@ -311,6 +322,22 @@ def _scale(example: dict) -> dict:
           "label": np.int32(example["label"])}
 
 
+def _maybe_in_memory(source: Sequence[dict], cache: bool) -> Sequence[dict]:
+  """The whole split decoded once into a list when ``cache`` (``config.input.cache``).
+
+  For small data sets (the digits: 1,438 records in 0.1 s) decoding each record
+  on every read costs more than the training step; reading the split once at
+  start costs O(N), never O(resume step).
+  """
+  if not cache:
+    return source
+  keys = list(range(len(source)))
+  try:  # one batched read where the source has it (TFDS ArrayRecord sources do)
+    return list(source.__getitems__(keys))
+  except (AttributeError, TypeError):  # e.g. tfds.testing.mock_data's sources
+    return [source[i] for i in keys]
+
+
 def image_train_batches(image_input, builder: tfds.core.DatasetBuilder, split: str, *,
                         batch_size: int, seed: int, steps_per_epoch: int, start_step: int = 0,
                         read_options: grain.ReadOptions | None = None) -> Iterator[dict]:
@@ -323,10 +350,12 @@ def image_train_batches(image_input, builder: tfds.core.DatasetBuilder, split: s
   Yields:
     ``{"image": float32 [b, S, S, C], "label": int32 [b]}``.
   """
-  source = data_source(builder, split, decoders=image_input.decoders)
+  source = _maybe_in_memory(data_source(builder, split, decoders=image_input.decoders),
+                            image_input.cache)
   transform = image_train_transform(image_input.train_augment(builder, steps_per_epoch), seed)
   return train_batches(source, batch_size=batch_size, seed=seed, transform=transform,
-                       start_step=start_step, read_options=read_options)
+                       start_step=start_step, read_options=read_options,
+                       per_batch=image_input.cache)
 
 
 def image_eval_batches(image_input, builder: tfds.core.DatasetBuilder, split: str, *,
@@ -337,7 +366,8 @@ def image_eval_batches(image_input, builder: tfds.core.DatasetBuilder, split: st
   Yields:
     ``{"image": float32 [b, H, W, C], "label": int32 [b], "mask": float32 [b]}``.
   """
-  source = data_source(builder, split, decoders=image_input.decoders)
+  source = _maybe_in_memory(data_source(builder, split, decoders=image_input.decoders),
+                            image_input.cache)
   preprocess = None if image_input.style == "scale" else image_input.eval_preprocess(builder)
   return eval_batches(source, batch_size=batch_size, transform=image_eval_transform(preprocess),
                       read_options=read_options)
