@@ -29,9 +29,9 @@ def _run(workdir, *extra):
 @pytest.mark.slow
 def test_sigterm_exits_143_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path):
   straight = str(tmp_path / "straight")
-  _run(straight, "--config.num_train_steps=400")
+  _run(straight, "--config.num_train_steps=200")
   workdir = str(tmp_path / "run")
-  proc = subprocess.Popen(_cmd(workdir, "--config.num_train_steps=400"), cwd=REPO,
+  proc = subprocess.Popen(_cmd(workdir, "--config.num_train_steps=200"), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "5")):
@@ -40,10 +40,10 @@ def test_sigterm_exits_143_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 143, err[-3000:]
   assert "preempted: saved step" in err
-  second = _run(workdir, "--config.num_train_steps=400")
+  second = _run(workdir, "--config.num_train_steps=200")
   assert "exported the encoder" in second.stdout
   final = lambda d: json.load(open(os.path.join(d, "final_metrics.json")))
-  assert final(workdir)["eval"] == final(straight)["eval"] and final(workdir)["step"] == 400
+  assert final(workdir)["eval"] == final(straight)["eval"] and final(workdir)["step"] == 200
   for name in ("model.safetensors", "config.json"):  # bit for bit the same exported model
     assert open(os.path.join(workdir, "encoder", name), "rb").read() == open(
         os.path.join(straight, "encoder", name), "rb").read()
