@@ -32,6 +32,7 @@ tf.data pipeline still reads it (``config.input_pipeline = "tf.data"``).
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +59,17 @@ CONVERT_HELP = (
 
 # A per-example map of the training stream: (example, position g, step s) -> numpy arrays.
 TrainTransform = Callable[[dict, int, int], dict]
+
+
+class _QuietOpenCVNotice(logging.Filter):
+  """TFDS logs "OpenCV is not installed ... Defaulting to PIL" on every run that decodes
+  images; PIL is what mrl_jax uses, so that one notice is noise."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "OpenCV is not installed" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietOpenCVNotice())
 
 
 def data_source(builder: tfds.core.DatasetBuilder, split: str, *,
