@@ -72,6 +72,15 @@ def softmax_ce_diagonal(logits: jax.Array) -> jax.Array:
   return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target, axis=-1)
 
 
+def _scaled_cosines(anchors: jax.Array, positives: jax.Array, negatives: jax.Array | None,
+                    scale: float) -> jax.Array:
+  """``scale * cos(a_i, c_j)`` ``[B, B (1 + K)]``; candidates: positives, then negatives."""
+  check_pair(anchors, positives, "anchors", "positives")
+  check_positive("scale", scale)
+  cands = l2_normalize(candidates(positives, negatives))
+  return scale * (l2_normalize(anchors) @ cands.T)
+
+
 def in_batch_softmax(
     anchors: jax.Array,
     positives: jax.Array,
@@ -100,10 +109,7 @@ def in_batch_softmax(
   Raises:
     ValueError: mismatched shapes, or ``scale`` not positive and finite.
   """
-  check_pair(anchors, positives, "anchors", "positives")
-  check_positive("scale", scale)
-  cands = l2_normalize(candidates(positives, negatives))
-  logits = scale * (l2_normalize(anchors) @ cands.T)
+  logits = _scaled_cosines(anchors, positives, negatives, scale)
   return softmax_ce_diagonal(logits)
 
 
@@ -142,10 +148,7 @@ def symmetric_in_batch_softmax(
   Raises:
     ValueError: mismatched shapes, or ``scale`` not positive and finite.
   """
-  check_pair(anchors, positives, "anchors", "positives")
-  check_positive("scale", scale)
-  cands = l2_normalize(candidates(positives, negatives))
-  logits = scale * (l2_normalize(anchors) @ cands.T)
+  logits = _scaled_cosines(anchors, positives, negatives, scale)
   batch = logits.shape[0]
   return 0.5 * (softmax_ce_diagonal(logits) + softmax_ce_diagonal(logits[:, :batch].T))
 
