@@ -44,7 +44,7 @@ def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool 
   return z
 
 
-def quantize(z: jax.Array, kind: str | None) -> jax.Array:
+def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True) -> jax.Array:
   """Unit-norm float embeddings ``[..., m]`` -> codes (as sentence-transformers' quantize).
 
   ``None``: unchanged float32; ``"int8"``: ``clip(round(127 z), -127, 127)`` int8
@@ -55,6 +55,7 @@ def quantize(z: jax.Array, kind: str | None) -> jax.Array:
   valid-looking but meaningless vector: called on a concrete array, rows with
   a NaN or inf are refused; under ``jit`` the values cannot be inspected, so
   check the inputs first (as :meth:`mrl_jax.inference.Encoder.embed` does).
+  ``check_finite=False`` is for callers that have checked already.
 
   Raises:
     ValueError: ``kind`` is not one of :data:`QUANTIZATIONS`, or (outside
@@ -62,7 +63,7 @@ def quantize(z: jax.Array, kind: str | None) -> jax.Array:
   """
   if kind not in QUANTIZATIONS:
     raise ValueError(f"quantize={kind!r}; choose one of {QUANTIZATIONS}")
-  if kind is not None and not isinstance(z, jax.core.Tracer) and np.size(z):
+  if check_finite and kind is not None and not isinstance(z, jax.core.Tracer) and np.size(z):
     values = np.atleast_1d(np.asarray(z))
     bad = np.flatnonzero(~np.isfinite(values.reshape(-1, values.shape[-1])).all(axis=1))
     if bad.size:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax import ops
 from mrl_jax.evaluate import knn
 
 CODE_KINDS = ("binary", "int8")
@@ -46,10 +47,6 @@ def check_kind(kind: str | None, *, allow_none: bool = False) -> None:
   if kind not in CODE_KINDS:
     extra = " or None" if allow_none else ""
     raise ValueError(f"code kind must be one of {CODE_KINDS}{extra}, got {kind!r}")
-
-
-def _is_traced(x) -> bool:
-  return isinstance(x, jax.core.Tracer)
 
 
 def nonfinite_rows(x) -> np.ndarray:
@@ -96,8 +93,8 @@ def code_width(dim: int, kind: str) -> int:
 def quantize_embeddings(z, kind: str) -> jax.Array:
   """Codes of truncated-then-normalised embeddings (see the module docstring).
 
-  The same rule as :func:`mrl_jax.inference.embed_fn`'s ``quantize``. Works under
-  ``jit``; called on a concrete array it refuses non-finite rows (a NaN row would
+  The rule of :func:`mrl_jax.ops.quantize`, which :class:`mrl_jax.inference.Encoder`
+  serves. Works under ``jit``; called on a concrete array it refuses non-finite rows (a NaN row would
   otherwise become an all-zero code).
 
   Args:
@@ -117,12 +114,10 @@ def quantize_embeddings(z, kind: str) -> jax.Array:
   if not jnp.issubdtype(dtype, jnp.floating) or np.ndim(z) < 1 or np.shape(z)[-1] < 1:
     raise ValueError(f"z must be float embeddings [..., m] with m >= 1, got dtype {dtype} "
                      f"and shape {np.shape(z)}")
-  if not _is_traced(z):
-    refuse_nonfinite(jnp.reshape(jnp.asarray(z), (-1, np.shape(z)[-1])), "z")
-  z = jnp.asarray(z, jnp.float32)
-  if kind == "int8":
-    return jnp.clip(jnp.round(z * 127.0), -127, 127).astype(jnp.int8)
-  return jnp.packbits(z > 0, axis=-1)
+  z = jnp.asarray(z).astype(jnp.float32)
+  if not isinstance(z, jax.core.Tracer):
+    refuse_nonfinite(jnp.reshape(z, (-1, z.shape[-1])), "z")
+  return ops.quantize(z, kind, check_finite=False)  # the rule Encoder serves, once
 
 
 def lane_bytes(width: int) -> int:
