@@ -94,8 +94,8 @@ def quantize_embeddings(z, kind: str) -> jax.Array:
   """Codes of truncated-then-normalised embeddings (see the module docstring).
 
   The rule of :func:`mrl_jax.ops.quantize`, which :class:`mrl_jax.inference.Encoder`
-  serves. Works under ``jit``; called on a concrete array it refuses non-finite rows (a NaN row would
-  otherwise become an all-zero code).
+  serves. Works under ``jit``; called on a concrete array it refuses non-finite rows
+  (a NaN row would otherwise become an all-zero code).
 
   Args:
     z: ``[..., m]`` float embeddings, each row truncated then L2-normalised.
