@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax import ops
 from mrl_jax.data.text import TextTokenizer
 
 Dtype = Any
@@ -376,13 +377,9 @@ class HFBert:
     batch = self.tokenizer(texts)
     out = _encode(model, self.params, batch["input_ids"], batch["attention_mask"],
                   batch["token_type_ids"])
-    if dim is not None:
-      if not 1 <= dim <= out.shape[-1]:
-        raise ValueError(f"dim must be in [1, {out.shape[-1]}], got {dim}")
-      out = out[:, :dim]
-    if self.normalize:
-      out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
-    return np.asarray(out)
+    if dim is not None and not 1 <= dim <= out.shape[-1]:
+      raise ValueError(f"dim must be in [1, {out.shape[-1]}], got {dim}")
+    return np.asarray(ops.truncate_normalize(out, dim, normalize=self.normalize))
 
 
 @functools.partial(jax.jit, static_argnums=0)
