@@ -23,7 +23,6 @@ stays complete until the new one is.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -133,13 +132,6 @@ def sha256_file(path: str) -> str:
   return digest.hexdigest()
 
 
-def write_json(path: str, payload: Any) -> None:
-  """Indented, key-sorted UTF-8 JSON."""
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
 def write_metadata(out_dir: str, *, modality: str, dims: list[int], weights: list[float],
                    is_matryoshka: bool, step: int | None, task: str,
                    training_config: dict | None, extra: dict | None = None) -> dict:
@@ -162,7 +154,7 @@ def write_metadata(out_dir: str, *, modality: str, dims: list[int], weights: lis
               "matryoshka_weights": [float(w) for w in weights],
               "step": step, "training_config": training_config, "sha256": files,
               **(extra or {})}
-  write_json(os.path.join(out_dir, METADATA_FILE), metadata)
+  fileio.write_json(os.path.join(out_dir, METADATA_FILE), metadata, what=METADATA_FILE)
   return metadata
 
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mrl_jax import config_lib, export
+from mrl_jax import config_lib, export, fileio
 from mrl_jax.evaluate.adaptor import (
     check_embeddings,
     check_pairs,
@@ -537,7 +537,8 @@ class AdaptorTask(base.Task):
       check_text_encoder(self.config.text_encoder, self.embed_dim)  # unchanged since training
       shutil.copytree(self.config.text_encoder, os.path.join(out_dir, TEXT_ENCODER_DIR))
     model_config = self.model_config()
-    export.write_json(os.path.join(out_dir, export.CONFIG_FILE), model_config)
+    fileio.write_json(os.path.join(out_dir, export.CONFIG_FILE), model_config,
+                      what=export.CONFIG_FILE)
     export.save_weights(out_dir, {"params": variables["params"]})
     export.write_metadata(
         out_dir, modality="embedding", dims=model_config["matryoshka_dimensions"],

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mrl_jax import config_lib, export, models
+from mrl_jax import config_lib, export, fileio, models
 from mrl_jax import sharding as sharding_lib
 from mrl_jax.losses import nested_loss_per_dim, softmax_cross_entropy_per_dim
 from mrl_jax.tasks import base, register
@@ -219,7 +219,8 @@ class ClassificationTask(base.Task):
 
   def export(self, variables: base.Variables, out_dir: str, *, step: int) -> None:
     model_config = self.model_config()
-    export.write_json(os.path.join(out_dir, export.CONFIG_FILE), model_config)
+    fileio.write_json(os.path.join(out_dir, export.CONFIG_FILE), model_config,
+                      what=export.CONFIG_FILE)
     export.save_weights(out_dir, split_variables(variables))
     export.write_metadata(
         out_dir, modality="image", dims=model_config["matryoshka_dimensions"],
