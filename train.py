@@ -2,14 +2,14 @@
 
 ``config.task`` picks the task (``classification``, ``pairs``, ``adaptor``, or
 your own, see ``mrl_jax.tasks``); every task runs through the one loop of
-``mrl_jax.train_lib``. Resumes from the latest checkpoint in ``DIR`` when there
+``mrl_jax.train.loop``. Resumes from the latest checkpoint in ``DIR`` when there
 is one, and exports the encoder to ``DIR/encoder`` at the end (load it with
-``mrl_jax.inference.Encoder.load``).
+``mrl_jax.bundle.encoder.Encoder.load``).
 
 Override any config field with ``--config.FIELD=VALUE`` (e.g.
 ``--config.head=mrl_e``, ``--config.nesting.dims='(64, 32, 16)'``); the fields
 and their meaning are in the config file itself and in
-``mrl_jax.config_lib.base_config`` (the fields every task shares).
+``mrl_jax.train.config.base_config`` (the fields every task shares).
 
 Multi-host (TPU pod slices, Slurm, MPI): run the same command on every host
 with ``--distributed``; elsewhere also pass ``--coordinator_address``,
@@ -25,10 +25,11 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mrl_jax import train_lib
-from mrl_jax.checkpoints import CheckpointError
-from mrl_jax.export import BundleError
-from mrl_jax.preemption import Preempted
+from mrl_jax import experiments
+from mrl_jax.bundle.artifact import BundleError
+from mrl_jax.train import loop
+from mrl_jax.train.checkpoints import CheckpointError
+from mrl_jax.train.preemption import Preempted
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
@@ -49,7 +50,7 @@ PREEMPTED_EXIT_CODE = 128 + 15  # as if ended by SIGTERM
 USER_ERROR_EXIT_CODE = 2
 # What a user can cause and fix: shown as one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               PermissionError, CheckpointError, BundleError, train_lib.NonFiniteLossError)
+               PermissionError, CheckpointError, BundleError, loop.NonFiniteLossError)
 
 
 def main(argv):
@@ -60,7 +61,7 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no-op elsewhere
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
-    experiment = train_lib.Experiment(FLAGS.config, FLAGS.workdir)
+    experiment = experiments.create(FLAGS.config, FLAGS.workdir)
     try:
       result = experiment.train()
       if FLAGS.export_dir != "":

@@ -11,7 +11,7 @@ paired with its source (``pairs_file``). Packages are split: every 4th top-level
 module or package, sorted by name, is held out with its submodules
 (``eval_rows_file``), so the evaluation texts come from modules the adaptor never saw.
 
-Two runs of ``mrl_jax.train_lib.train_and_evaluate`` on ``configs/adaptor.py``
+Two runs of ``mrl_jax.train.loop.train_and_evaluate`` on ``configs/adaptor.py``
 (the same as ``python train.py --config=configs/adaptor.py --config.embeddings_file=...``):
 unsupervised (``rank_weight=0``: the pairs are only evaluated) and supervised.
 Printed per nested dim (8, 16, 32, 64, 128, 384), for raw truncation, PCA fit on
@@ -45,9 +45,10 @@ import warnings
 import jax
 import numpy as np
 
-from mrl_jax import config_lib, train_lib
+from mrl_jax import experiments
 from mrl_jax.evaluate.adaptor import format_reduction_table
 from mrl_jax.tasks.adaptor import BASELINES, METRICS
+from mrl_jax.train import config as config_lib
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "adaptor.py")
@@ -217,7 +218,7 @@ def run_task(workdir: str, files: dict[str, str], args, *, supervised: bool) -> 
   config.rank_weight = args.rank_weight if supervised else 0.0
   config.eval_every_steps = config.checkpoint_every_steps = args.steps
   config.log_every_steps = max(1, args.steps // 4)
-  return train_lib.train_and_evaluate(config, workdir, progress=False)
+  return experiments.train_and_evaluate(config, workdir, progress=False)
 
 
 def main():

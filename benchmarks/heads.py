@@ -21,10 +21,10 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import device_line, median_seconds  # noqa: E402
 
-from mrl_jax.heads import FixedFeatureHead, MRLHead  # noqa: E402
+from mrl_jax.core.heads import FixedFeatureHead, MRLHead  # noqa: E402
+from mrl_jax.core.nesting import default_dims  # noqa: E402
+from mrl_jax.core.prefix_matmul import naive_prefix_matmul  # noqa: E402
 from mrl_jax.losses import nested_softmax_cross_entropy  # noqa: E402
-from mrl_jax.nesting import default_dims  # noqa: E402
-from mrl_jax.prefix_matmul import naive_prefix_matmul  # noqa: E402
 
 TARGET = 1.25
 

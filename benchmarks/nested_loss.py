@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import device_line  # noqa: E402
 
 from mrl_jax import losses  # noqa: E402
-from mrl_jax.nesting import default_dims  # noqa: E402
+from mrl_jax.core.nesting import default_dims  # noqa: E402
 
 SETTINGS = (
     ("D=768, dims 64..768", 768, (64, 128, 256, 512, 768)),

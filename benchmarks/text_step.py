@@ -7,7 +7,7 @@ Four steps on the same batch of real text (``--batch`` (docstring summary,
 source) pairs of the Python standard library, :mod:`mrl_jax.data.stdlib_corpus`,
 every text truncated and padded to ``--seq`` tokens by MiniLM's tokenizer):
 
-* ``mrl_jax nested``: the loop's jitted step (:func:`mrl_jax.train_lib.jit_train_step`,
+* ``mrl_jax nested``: the loop's jitted step (:func:`mrl_jax.train.loop.jit_train_step`,
   state donated) on the pairs task of ``configs/text_stdlib.py``: the fused
   nested in-batch softmax at dims 8, 16, ..., 256, 384, AdamW;
 * ``mrl_jax plain``: the same with ``loss="matryoshka"`` at the single dim 384,
@@ -51,9 +51,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import device_line  # noqa: E402
 
 from configs import text_stdlib  # noqa: E402
-from mrl_jax import config_lib, optim, tasks, train_lib  # noqa: E402
-from mrl_jax import sharding as sharding_lib  # noqa: E402
+from mrl_jax import experiments  # noqa: E402
 from mrl_jax.data.text import read_text_pairs, tokenize_pairs  # noqa: E402
+from mrl_jax.train import loop, optim  # noqa: E402
+from mrl_jax.train import sharding as sharding_lib  # noqa: E402
 
 LABELS = {"jax_nested": "mrl_jax nested (fused)", "jax_plain": "mrl_jax plain",
           "st_matryoshka": "sentence-transformers Matryoshka",
@@ -65,12 +66,12 @@ def jax_step(config, mesh, *, workdir: str, nested: bool):
   config = ml_collections.ConfigDict(config.to_dict())
   if not nested:
     config.loss, config.nesting.dims, config.nesting.weights = "matryoshka", (384,), None
-  config = config_lib.validate_config(config, num_devices=mesh.size)
-  task = tasks.get_task(config.task)(config, workdir=workdir, mesh=mesh)
+  config = experiments.validate_config(config, num_devices=mesh.size)
+  task = experiments.task_of(config)(config, workdir=workdir, mesh=mesh)
   schedule = optim.learning_rate_schedule(config, task.steps_per_epoch)
-  state = train_lib.create_train_state(task, jax.random.PRNGKey(0),
+  state = loop.create_train_state(task, jax.random.PRNGKey(0),
                                        optim.make_optimizer(config, schedule), mesh)
-  step = train_lib.jit_train_step(task, schedule, mesh, jax.tree.map(lambda x: x.sharding, state))
+  step = loop.jit_train_step(task, schedule, mesh, jax.tree.map(lambda x: x.sharding, state))
   return step, state, task
 
 
@@ -103,7 +104,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     config = text_stdlib.get_config(os.path.join(tmp, "corpus"))
     config.batch_size, config.max_length = args.batch, args.seq
-    config = config_lib.validate_config(config, num_devices=mesh.size)
+    config = experiments.validate_config(config, num_devices=mesh.size)
     runs: dict[str, list] = {}
     for name, nested in (("jax_nested", True), ("jax_plain", False)):
       tick = time.perf_counter()

@@ -7,7 +7,7 @@ The model and optimiser are those of ``configs/imagenet_resnet50.py`` (1000
 classes, SGD with momentum and weight decay, label smoothing 0.1); only the
 head differs: ``mrl`` (9 nested classifiers, 8..2048), ``mrl_e`` (one tied
 classifier, fused prefix matmul) and ``ff`` at 2048 dims, the ordinary
-single-head ResNet-50. The step is :func:`mrl_jax.train_lib.train_step`,
+single-head ResNet-50. The step is :func:`mrl_jax.train.loop.train_step`,
 jitted with the state donated, on whatever device JAX sees. After one
 compiling step per head, the heads take turns for ``--rounds`` rounds of
 ``--steps`` steps each, so that a load change on a shared machine hits all of
@@ -28,9 +28,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import imagenet_resnet50  # noqa: E402
-from mrl_jax import config_lib, optim, train_lib  # noqa: E402
-from mrl_jax import sharding as sharding_lib  # noqa: E402
+from mrl_jax import experiments  # noqa: E402
 from mrl_jax.tasks.classification import ClassificationTask  # noqa: E402
+from mrl_jax.train import loop, optim  # noqa: E402
+from mrl_jax.train import sharding as sharding_lib  # noqa: E402
 
 HEADS = {"mrl": "MRL", "ff": "single head (FF-2048)", "mrl_e": "MRL-E"}
 NUM_CLASSES = 1000
@@ -43,13 +44,13 @@ def build_step(head: str, args: argparse.Namespace, mesh: jax.sharding.Mesh):
   config.ff_dim = 2048 if head == "ff" else None
   config.batch_size = args.batch_size
   config.half_precision = args.bf16
-  config = config_lib.validate_config(config, num_devices=mesh.size)
+  config = experiments.validate_config(config, num_devices=mesh.size)
   task = ClassificationTask.without_data(config, mesh=mesh, num_classes=NUM_CLASSES,
                                         input_shape=(args.image_size, args.image_size, 3))
   schedule = optim.learning_rate_schedule(config, steps_per_epoch=1251)
-  state = train_lib.create_train_state(task, jax.random.PRNGKey(0),
+  state = loop.create_train_state(task, jax.random.PRNGKey(0),
                                        optim.make_optimizer(config, schedule), mesh)
-  step = train_lib.jit_train_step(task, schedule, mesh, jax.tree.map(lambda x: x.sharding, state))
+  step = loop.jit_train_step(task, schedule, mesh, jax.tree.map(lambda x: x.sharding, state))
   return step, state
 
 

@@ -18,7 +18,7 @@ an embedding bundle: ``Encoder.load(DIR/encoder).embed(e, dim=m)``.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mrl_jax.config_lib import base_config
+from mrl_jax.train.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -2,7 +2,7 @@
 
 The demo and the tests start from this file; other image configs import it and
 change a few fields. The shared fields (nesting, optimiser, batch, mesh,
-checkpoints) come from ``mrl_jax.config_lib.base_config``; every field can be
+checkpoints) come from ``mrl_jax.train.config.base_config``; every field can be
 overridden on the command line, e.g.
 ``python train.py --config=configs/digits_mlp.py --config.head=mrl_e --workdir=DIR``.
 """
@@ -10,7 +10,7 @@ overridden on the command line, e.g.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mrl_jax.config_lib import base_config
+from mrl_jax.train.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

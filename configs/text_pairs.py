@@ -14,7 +14,7 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mrl_jax.config_lib import base_config
+from mrl_jax.train.config import base_config
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "examples", "text")

@@ -32,13 +32,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
-from mrl_jax import config_lib, probe, train_lib
-from mrl_jax.evaluate import plots
+from mrl_jax import experiments
+from mrl_jax.bundle import artifact
+from mrl_jax.bundle.encoder import Encoder
+from mrl_jax.data.text import read_text_pairs
+from mrl_jax.evaluate import plots, probe
 from mrl_jax.evaluate.report import format_table as format_evaluation
-from mrl_jax.evaluate.workdir import evaluate_workdir
+from mrl_jax.evaluate.text import pair_retrieval_per_dim
+from mrl_jax.experiments import evaluate_workdir
+from mrl_jax.train import loop, optim, sharding
 
 ROWS = (("mrl", "MRL"), ("mrl_e", "MRL-E"), ("ff", "FF-k"), ("truncated", "ordinary, truncated"))
 TEXT_ROWS = (("shipped", "as shipped, truncated"), ("no_mrl", "fine-tuned, no MRL, truncated"),
@@ -59,19 +65,19 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, progress: bool 
   With ``evaluate``, the returned dict also holds ``"evaluation"``: the MRL model's
   :func:`~mrl_jax.evaluate.report.evaluate_nested` metrics (not in ``results.json``).
   """
-  config = config_lib.validate_config(config)
+  config = experiments.validate_config(config)
   dims = list(config.nesting.dims)
   top1: dict[str, list[float | None]] = {}
   for head in ("mrl", "mrl_e"):
     _say(progress, f"== training {head} (nested dims {dims})")
-    result = train_lib.train_and_evaluate(_variant(config, head=head),
+    result = experiments.train_and_evaluate(_variant(config, head=head),
                                           os.path.join(workdir, head), progress=progress,
                                           export_dir=None if head == "mrl" else "")
     top1[head] = result["eval"]["top1_per_dim"]
   top1["ff"] = []
   for k in dims:
     _say(progress, f"== training FF-{k}")
-    result = train_lib.train_and_evaluate(_variant(config, head="ff", ff_dim=k),
+    result = experiments.train_and_evaluate(_variant(config, head="ff", ff_dim=k),
                                           os.path.join(workdir, f"ff_{k}"), progress=progress,
                                           export_dir="")
     top1["ff"].append(result["eval"]["top1_per_dim"][0])
@@ -92,7 +98,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, progress: bool 
 
 def _truncated_row(config: ml_collections.ConfigDict, workdir: str,
                    dims: Sequence[int]) -> list[float]:
-  experiment = train_lib.Experiment(config, workdir)  # restores the trained model
+  experiment = experiments.create(config, workdir)  # restores the trained model
   try:
     task, variables = experiment.task, experiment.state.variables
     train = task.predict(variables, config.train_split)
@@ -144,10 +150,10 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
     the plain in-batch softmax), the ordinary fine-tune;
   * ``mrl``: fine-tuned with the nested loss at ``config.nesting.dims``.
 
-  Both runs go through :func:`mrl_jax.train_lib.train_and_evaluate` (a run
+  Both runs go through :func:`mrl_jax.train.loop.train_and_evaluate` (a run
   already finished in ``workdir`` is restored, not retrained) with no
   evaluation in the loop. Each exported bundle then embeds the held-out pairs
-  at full width (:meth:`mrl_jax.inference.Encoder.embed`, ``normalize=False``)
+  at full width (:meth:`mrl_jax.bundle.encoder.Encoder.embed`, ``normalize=False``)
   and :func:`mrl_jax.evaluate.text.pair_retrieval_per_dim` truncates to each
   nested dim, L2-normalises and ranks: every summary retrieves its source among
   all the sources of the evaluated pairs.
@@ -168,9 +174,8 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
     ValueError: a config that is not the pairs task's or has no
       ``eval_pairs_file``; ``eval_pairs`` not a positive int.
   """
-  from mrl_jax.data.text import read_text_pairs
 
-  config = config_lib.validate_config(_variant(config))
+  config = experiments.validate_config(_variant(config))
   if config.task != "pairs":
     raise ValueError(f"config.task={config.task!r}: the text demo needs the pairs task")
   if not config.eval_pairs_file:
@@ -193,13 +198,11 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
   for key, variant in (("no_mrl", plain), ("mrl", train_config)):
     tick = time.perf_counter()
     _say(progress, f"== fine-tuning {key} (nested dims {list(variant.nesting.dims)})")
-    result = train_lib.train_and_evaluate(variant, os.path.join(workdir, key),
+    result = experiments.train_and_evaluate(variant, os.path.join(workdir, key),
                                           progress=progress)
     bundles[key] = result["export_dir"]
     _say(progress, f"   {key}: {time.perf_counter() - tick:.0f} s")
 
-  from mrl_jax.evaluate.text import pair_retrieval_per_dim
-  from mrl_jax.inference import Encoder
 
   tick = time.perf_counter()
   results: dict[str, Any] = {
@@ -214,7 +217,7 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
       results[name][key] = [float(v) for v in metrics[f"{name}_per_dim"]]
   _say(progress, f"== evaluated the three encoders on {len(held_out)} held-out pairs "
        f"({time.perf_counter() - tick:.0f} s)")
-  train_lib.write_json(workdir, "results.json", results)
+  loop.write_json(workdir, "results.json", results)
   return results
 
 
@@ -223,18 +226,14 @@ def _export_untrained(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   That is ``config.model_dir``'s weights, or the random initialisation the runs start from.
   """
-  import jax
-
-  from mrl_jax import export, optim, sharding, tasks
-
   mesh = sharding.make_mesh(config.get("mesh_shape"))
-  task = tasks.get_task(config.task)(config, workdir=os.path.abspath(workdir), mesh=mesh)
+  task = experiments.task_of(config)(config, workdir=os.path.abspath(workdir), mesh=mesh)
   schedule = optim.learning_rate_schedule(config, task.steps_per_epoch)
-  state = train_lib.create_train_state(task, jax.random.PRNGKey(config.seed),
+  state = loop.create_train_state(task, jax.random.PRNGKey(config.seed),
                                        optim.make_optimizer(config, schedule), mesh)
-  variables = jax.tree.map(export.to_numpy, state.variables)
+  variables = jax.tree.map(artifact.to_numpy, state.variables)
   del state
-  return export.write_atomically(os.path.abspath(os.path.join(workdir, "encoder")),
+  return artifact.write_atomically(os.path.abspath(os.path.join(workdir, "encoder")),
                                  lambda tmp: task.export(variables, tmp, step=0))
 
 

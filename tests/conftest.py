@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(data_dir: str, **overrides):
   """The base digits config shrunk to seconds: a 16-d MLP embedding, 30 steps."""
-  from mrl_jax.config_lib import load_config_file
+  from mrl_jax.train.config import load_config_file
 
   config = load_config_file(os.path.join(REPO, "configs", "digits_mlp.py"))
   config.data_dir = data_dir
@@ -48,7 +48,7 @@ def tiny_config(data_dir: str, **overrides):
 
 def tiny_text_config(**overrides):
   """The text-pairs example config shrunk: 16 tokens, hidden 32, dims 8/16/32, 40 steps."""
-  from mrl_jax.config_lib import load_config_file
+  from mrl_jax.train.config import load_config_file
 
   config = load_config_file(os.path.join(REPO, "configs", "text_pairs.py"))
   config.max_length = 16

@@ -45,13 +45,14 @@ def train_on_fixed_batches(data_dir: str) -> dict:
   from conftest import tiny_config
   from jax.experimental import multihost_utils
 
-  from mrl_jax import sharding, train_lib
+  from mrl_jax import experiments
+  from mrl_jax.train import sharding
 
   overrides = {**OVERRIDES, "mesh_shape": (-1, min(2, jax.device_count()))}
   workdir = tempfile.mkdtemp() if jax.process_index() == 0 else None
   workdir = multihost_utils.broadcast_one_to_all(
       np.frombuffer((workdir or "").ljust(256).encode(), np.uint8))
-  experiment = train_lib.Experiment(tiny_config(data_dir, num_train_steps=STEPS, **overrides),
+  experiment = experiments.create(tiny_config(data_dir, num_train_steps=STEPS, **overrides),
                                     bytes(np.asarray(workdir)).decode().strip())
   config, mesh, state = experiment.config, experiment.mesh, experiment.state
   step_fn = experiment._train_step
@@ -80,9 +81,10 @@ def check_train_py_run(data_dir: str, workdir: str) -> dict:
 
   import numpy as np
 
-  from mrl_jax import inference, train_lib
+  from mrl_jax import experiments
+  from mrl_jax.bundle import encoder as inference
 
-  resumed = train_lib.Experiment(get_config(data_dir), workdir)
+  resumed = experiments.create(get_config(data_dir), workdir)
   with open(os.path.join(workdir, "final_metrics.json")) as f:
     final = json.load(f)
   encoder = inference.Encoder.load(os.path.join(workdir, "encoder"))

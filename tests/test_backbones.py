@@ -6,7 +6,7 @@ import pytest
 from subprocess_util import run_python
 
 from configs import cifar10_resnet18, imagenet_resnet50, imagenet_vit_b16
-from mrl_jax import config_lib, models
+from mrl_jax import experiments, models
 from mrl_jax.models.norm import SubBatchNorm, batch_norm
 from mrl_jax.models.resnet import ResidualBlock, ResNet, resnet_embed_dim
 from mrl_jax.models.vit import ViT
@@ -14,7 +14,7 @@ from mrl_jax.models.vit import ViT
 
 def _num_params(config, num_classes: int, image_size: int) -> int:
   """Parameter count of the config's classifier, from shapes only (no real init)."""
-  model = models.build_classifier(config_lib.validate_config(config), num_classes)
+  model = models.build_classifier(experiments.validate_config(config), num_classes)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), train=False))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
@@ -147,7 +147,7 @@ def test_every_backbone_is_registered_for_the_shared_heads():
 
 MESH_BATCH_NORM = """
 import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
-from mrl_jax import sharding
+from mrl_jax.train import sharding
 from mrl_jax.models.norm import batch_norm
 mesh = sharding.make_mesh()
 assert mesh.size == 4

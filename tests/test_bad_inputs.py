@@ -31,12 +31,16 @@ from absl import flags
 from conftest import REPO, tiny
 from ml_collections import config_flags
 
-from mrl_jax import config_lib, export, ops, optim, probe, train_lib
+from mrl_jax import experiments
 from mrl_jax import losses as losses_lib
-from mrl_jax import sharding as sharding_lib
-from mrl_jax.export import BundleError
-from mrl_jax.inference import Encoder
+from mrl_jax.bundle import artifact
+from mrl_jax.bundle.artifact import BundleError
+from mrl_jax.bundle.encoder import Encoder
+from mrl_jax.core import ops
+from mrl_jax.evaluate import probe
 from mrl_jax.tasks.classification import ClassificationTask
+from mrl_jax.train import optim
+from mrl_jax.train import sharding as sharding_lib
 
 RNG = np.random.default_rng(0)
 A = RNG.standard_normal((8, 8)).astype(np.float32)
@@ -67,7 +71,7 @@ CONFIG_ERRORS = [
                               for t, o, _ in CONFIG_ERRORS])
 def test_bad_config_field_is_named(task, overrides, match, digits_dir):
   with pytest.raises(ValueError, match=match):
-    config_lib.validate_config(tiny(task, digits_dir, **overrides))
+    experiments.validate_config(tiny(task, digits_dir, **overrides))
 
 
 def _parse_cli(config_file: str, *args: str):
@@ -83,7 +87,7 @@ def _parse_cli(config_file: str, *args: str):
 @pytest.mark.parametrize("config_file", ["cifar10_resnet18.py", "imagenet_resnet50.py",
                                          "imagenet_vit_b16.py"])
 def test_num_train_steps_overrides_the_epochs_of_the_paper_configs(config_file):
-  config = config_lib.validate_config(_parse_cli(config_file, "--config.num_train_steps=7"))
+  config = experiments.validate_config(_parse_cli(config_file, "--config.num_train_steps=7"))
   assert optim.total_and_warmup_steps(config, steps_per_epoch=1000)[0] == 7
 
 
@@ -119,7 +123,7 @@ def test_non_utf8_train_file_is_one_line_naming_the_file_and_line(tmp_path):
 
 
 def test_refused_checkpoint_is_one_line_naming_the_difference(tmp_path):
-  from mrl_jax.checkpoints import Checkpointer
+  from mrl_jax.train.checkpoints import Checkpointer
 
   workdir = tmp_path / "w"
   checkpointer = Checkpointer(str(workdir / "checkpoints"), {"config": {"head": "mrl_e"}})
@@ -146,18 +150,18 @@ def test_bad_text_files_of_a_run_name_the_file_and_line(field, content, match, d
   path = tmp_path / ("bad.tsv" if field == "eval_file" else "bad.jsonl")
   path.write_bytes(content)
   with pytest.raises(ValueError, match=match):
-    train_lib.Experiment(tiny("pairs", digits_dir, **{field: str(path)}), str(tmp_path / "w"))
+    experiments.create(tiny("pairs", digits_dir, **{field: str(path)}), str(tmp_path / "w"))
 
 
 @pytest.fixture(scope="module")
 def bundle(digits_dir, tmp_path_factory):
   """An image bundle of an untrained tiny MLP (no data read, no training)."""
-  config = config_lib.validate_config(tiny("classification", digits_dir))
+  config = experiments.validate_config(tiny("classification", digits_dir))
   task = ClassificationTask.without_data(config, mesh=sharding_lib.make_mesh(),
                                          num_classes=10, input_shape=(8, 8, 1))
   variables = jax.tree.map(np.asarray, task.init_variables(jax.random.PRNGKey(0)))
   out = str(tmp_path_factory.mktemp("bundle") / "encoder")
-  export.write_atomically(out, lambda tmp: task.export(variables, tmp, step=0))
+  artifact.write_atomically(out, lambda tmp: task.export(variables, tmp, step=0))
   return out
 
 
@@ -171,7 +175,7 @@ def _copy_with(bundle: str, tmp_path, name: str, content: bytes, *, rehash: bool
   with open(os.path.join(out, name), "wb") as f:
     f.write(content)
   if rehash:
-    meta_file = os.path.join(out, export.METADATA_FILE)
+    meta_file = os.path.join(out, artifact.METADATA_FILE)
     meta = json.load(open(meta_file))
     meta["sha256"][name] = hashlib.sha256(content).hexdigest()
     with open(meta_file, "w") as f:
@@ -181,7 +185,7 @@ def _copy_with(bundle: str, tmp_path, name: str, content: bytes, *, rehash: bool
 
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00\x81binary", b'{"format": "\xe9"}'])
 def test_binary_bytes_in_the_bundle_metadata_are_one_bundle_error(bundle, tmp_path, content):
-  path = _copy_with(bundle, tmp_path, export.METADATA_FILE, content, rehash=False)
+  path = _copy_with(bundle, tmp_path, artifact.METADATA_FILE, content, rehash=False)
   with pytest.raises(BundleError, match=rf"{path}/mrl_jax.json is not UTF-8 text"):
     Encoder.load(path)
 
@@ -195,15 +199,15 @@ def test_binary_bytes_in_the_bundle_metadata_are_one_bundle_error(bundle, tmp_pa
     ("[]", r"preprocessing.scale=\[\] must be finite numbers"),
 ])
 def test_bundle_with_a_non_finite_preprocessing_scale_is_refused(bundle, tmp_path, scale, match):
-  config_file = os.path.join(bundle, export.CONFIG_FILE)
+  config_file = os.path.join(bundle, artifact.CONFIG_FILE)
   text = json.dumps(json.load(open(config_file)))
   assert '"scale": 0.00392156862745098' in text
   content = text.replace('"scale": 0.00392156862745098', f'"scale": {scale}').encode()
   with pytest.raises(BundleError, match=r"bytes of config.json changed"):  # as shipped
-    Encoder.load(_copy_with(bundle, tmp_path / "a", export.CONFIG_FILE, content, rehash=False))
+    Encoder.load(_copy_with(bundle, tmp_path / "a", artifact.CONFIG_FILE, content, rehash=False))
   # Built that way with a matching hash: the value itself is refused on load.
   with pytest.raises(BundleError, match=match):
-    Encoder.load(_copy_with(bundle, tmp_path / "b", export.CONFIG_FILE, content, rehash=True))
+    Encoder.load(_copy_with(bundle, tmp_path / "b", artifact.CONFIG_FILE, content, rehash=True))
 
 
 # --- kind 4: non-finite and raw inputs at inference ----------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mrl_jax.checkpoints import Checkpointer, CheckpointError
+from mrl_jax.train.checkpoints import Checkpointer, CheckpointError
 
 METRIC = "top1/dim_2"
 
@@ -178,7 +178,7 @@ def test_corrupt_metrics_file_is_one_error_naming_the_step_and_file(tmp_path, co
 BROKEN_RESTORE = """
 import os, shutil, sys, time
 import jax.numpy as jnp, numpy as np
-from mrl_jax.checkpoints import Checkpointer, CheckpointError
+from mrl_jax.train.checkpoints import Checkpointer, CheckpointError
 tree = {{f"layer{{i}}": jnp.asarray(np.random.default_rng(i).normal(size=(64, 32)), jnp.float32)
         for i in range(64)}}
 checkpointer = Checkpointer({directory!r})

@@ -9,9 +9,9 @@ import pytest
 from conftest import tiny_config
 from subprocess_util import run_python
 
-from mrl_jax import train_lib
-from mrl_jax.checkpoints import Checkpointer, CheckpointError
-from mrl_jax.preemption import Preempted
+from mrl_jax import experiments
+from mrl_jax.train.checkpoints import Checkpointer, CheckpointError
+from mrl_jax.train.preemption import Preempted
 
 
 def _tree(seed: int) -> dict:
@@ -75,7 +75,7 @@ def test_partial_save_is_never_the_latest_and_broken_steps_name_the_problem(tmp_
 
 def test_best_metric_must_be_an_eval_metric(digits_dir, tmp_path):
   with pytest.raises(ValueError, match=r"best_metric='top1/dim_3'.*'top1/dim_2'"):
-    train_lib.Experiment(tiny_config(digits_dir, best_metric="top1/dim_3"), str(tmp_path))
+    experiments.create(tiny_config(digits_dir, best_metric="top1/dim_3"), str(tmp_path))
 
 
 # Interrupted runs, compared with one uninterrupted run of the same config.
@@ -86,12 +86,12 @@ KW = dict(schedule="constant", num_train_steps=20, checkpoint_every_steps=5,
 @pytest.fixture(scope="module")
 def straight(digits_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
-  result = train_lib.train_and_evaluate(tiny_config(digits_dir, **KW), workdir, progress=False)
+  result = experiments.train_and_evaluate(tiny_config(digits_dir, **KW), workdir, progress=False)
   return result, _final_params(digits_dir, workdir)
 
 
 def _final_params(digits_dir, workdir):
-  return jax.device_get(train_lib.Experiment(tiny_config(digits_dir, **KW), workdir).state.params)
+  return jax.device_get(experiments.create(tiny_config(digits_dir, **KW), workdir).state.params)
 
 
 def _signal_at(step: int, sig: int):
@@ -107,11 +107,11 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_is_exact(digits_dir,
   config = tiny_config(digits_dir, **KW)
   handler = signal.getsignal(signal.SIGTERM)
   with pytest.raises(Preempted) as info:
-    train_lib.Experiment(config, str(tmp_path)).train(
+    experiments.create(config, str(tmp_path)).train(
         progress=False, on_step=_signal_at(13, signal.SIGTERM))
   assert info.value.step in (13, 14)  # the handler runs at the next bytecode boundary
   assert signal.getsignal(signal.SIGTERM) == handler  # the training loop's handler is gone
-  experiment = train_lib.Experiment(config, str(tmp_path))
+  experiment = experiments.create(config, str(tmp_path))
   assert experiment.step == info.value.step
   assert experiment.checkpointer.read_metadata(experiment.step)["data_position"][
       "batches_consumed"] == experiment.step
@@ -123,13 +123,14 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_is_exact(digits_dir,
 KILLED_RUN = """
 import os, signal
 from conftest import tiny_config
-from mrl_jax import train_lib
+from mrl_jax import experiments
+from mrl_jax.train import loop
 
 def kill(step, metrics):
   if step == 13:  # between the saves of steps 10 and 15
     os.kill(os.getpid(), signal.SIGKILL)
 
-train_lib.Experiment(tiny_config({data_dir!r}, **{kw!r}), {workdir!r}).train(
+experiments.create(tiny_config({data_dir!r}, **{kw!r}), {workdir!r}).train(
     progress=False, on_step=kill)
 """
 
@@ -142,6 +143,6 @@ def test_sigkill_between_saves_then_the_restarted_run_ends_exactly_like_a_straig
     run_python(KILLED_RUN.format(data_dir=digits_dir, kw=KW, workdir=workdir))
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps and steps[-1] in (5, 10), steps  # 10 may still have been in flight (async)
-  resumed = train_lib.train_and_evaluate(tiny_config(digits_dir, **KW), workdir, progress=False)
+  resumed = experiments.train_and_evaluate(tiny_config(digits_dir, **KW), workdir, progress=False)
   assert resumed["eval"] == straight[0]["eval"] and resumed["step"] == straight[0]["step"]
   jax.tree.map(np.testing.assert_array_equal, _final_params(digits_dir, workdir), straight[1])

@@ -1,14 +1,15 @@
 import pytest
 from conftest import tiny_config
 
-from mrl_jax import config_lib
+from mrl_jax import experiments
+from mrl_jax.train import config as config_lib
 
 
 def test_derived_fields_are_filled_in():
-  config = config_lib.validate_config(tiny_config("unused"))
+  config = experiments.validate_config(tiny_config("unused"))
   assert config.nesting.dims == (2, 4, 8, 16)
   assert config.nesting.weights == (1.0,) * 4
-  ff = config_lib.validate_config(tiny_config("unused", head="ff"))
+  ff = experiments.validate_config(tiny_config("unused", head="ff"))
   assert ff.ff_dim == 16
 
 
@@ -24,26 +25,26 @@ def test_derived_fields_are_filled_in():
 ])
 def test_bad_fields_are_named(overrides, match):
   with pytest.raises(ValueError, match=match):
-    config_lib.validate_config(tiny_config("unused", **overrides))
+    experiments.validate_config(tiny_config("unused", **overrides))
 
 
 def test_nesting_is_validated_against_the_embedding():
   config = tiny_config("unused")
   config.nesting.dims = (4, 32)
   with pytest.raises(ValueError, match="nesting dim 32 is larger than the embedding size"):
-    config_lib.validate_config(config)
+    experiments.validate_config(config)
   config.nesting.dims = (8, 4, 8)
   with pytest.raises(ValueError, match="8"):
-    config_lib.validate_config(config)
+    experiments.validate_config(config)
   config.nesting.dims = (4, 8)
   config.nesting.weights = (1.0,)
   with pytest.raises(ValueError, match="1 weights for 2 nesting dims"):
-    config_lib.validate_config(config)
+    experiments.validate_config(config)
 
 
 def test_batch_must_divide_over_devices():
   with pytest.raises(ValueError, match="batch_size=32 does not divide evenly over 3 devices"):
-    config_lib.validate_config(tiny_config("unused"), num_devices=3)
+    experiments.validate_config(tiny_config("unused"), num_devices=3)
 
 
 def test_load_config_file_applies_overrides(tmp_path):
@@ -73,4 +74,4 @@ def test_every_shipped_config_validates_and_its_step_count_can_be_overridden():
       config.num_epochs, config.num_train_steps = None, 7  # README: every field overridable
     if config.task == "adaptor":
       continue  # needs an embeddings file
-    assert config_lib.validate_config(config).num_train_steps is not None, path
+    assert experiments.validate_config(config).num_train_steps is not None, path

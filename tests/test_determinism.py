@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from mrl_jax import demo, train_lib
+from mrl_jax import demo, experiments
 
 
 def _config(digits_dir):
@@ -35,7 +35,7 @@ def test_two_demo_runs_print_the_same_table(digits_dir, tmp_path):
                        ff_dim=int(run[3:]) if run.startswith("ff") else None))
     params = []
     for workdir in ("a", "b"):
-      experiment = train_lib.Experiment(config, str(tmp_path / workdir / run))
+      experiment = experiments.create(config, str(tmp_path / workdir / run))
       experiment.close()
       params.append(jax.device_get(experiment.state.params))
     jax.tree.map(np.testing.assert_array_equal, *params)

@@ -61,7 +61,7 @@ class _Identity(nn.Module):
 
 @pytest.mark.parametrize("kind", ["binary", "int8"])
 def test_quantize_matches_the_inference_rule(kind):
-  from mrl_jax.ops import quantize, truncate_normalize
+  from mrl_jax.core.ops import quantize, truncate_normalize
 
   rng = np.random.default_rng(0)
   x = rng.standard_normal((9, 21)).astype(np.float32)

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from mrl_jax import train_lib
+from mrl_jax import experiments
+from mrl_jax.evaluate.encoder import evaluate_encoder
 from mrl_jax.evaluate.report import evaluate_nested
-from mrl_jax.evaluate.workdir import evaluate_encoder, evaluate_workdir
+from mrl_jax.experiments import evaluate_workdir
 
 
 def test_evaluation_reads_the_exported_encoder_and_matches_the_training_model(digits_dir,
                                                                              tmp_path):
   config = tiny_config(digits_dir, num_train_steps=20)
-  final = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  final = experiments.train_and_evaluate(config, str(tmp_path), progress=False)
   got = evaluate_workdir(str(tmp_path), ks=(10,))
-  experiment = train_lib.Experiment(config, str(tmp_path))  # the trainer's own view
+  experiment = experiments.create(config, str(tmp_path))  # the trainer's own view
   experiment.close()
   task, variables = experiment.task, experiment.state.variables
   train, test = task.predict(variables, "train"), task.predict(variables, "test")
@@ -36,7 +37,7 @@ def test_evaluation_reads_the_exported_encoder_and_matches_the_training_model(di
 def test_text_bundles_are_evaluated_per_dim(tmp_path):
   from conftest import tiny_text_config
 
-  final = train_lib.train_and_evaluate(tiny_text_config(num_train_steps=10), str(tmp_path),
+  final = experiments.train_and_evaluate(tiny_text_config(num_train_steps=10), str(tmp_path),
                                        progress=False)
   got = evaluate_encoder(os.path.join(tmp_path, "encoder"))
   assert got["dims"] == [8, 16, 32]
@@ -47,7 +48,7 @@ def test_text_bundles_are_evaluated_per_dim(tmp_path):
 def test_evaluate_cli_and_clear_errors(digits_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="no exported encoder"):
     evaluate_workdir(str(tmp_path / "nothing"))
-  train_lib.train_and_evaluate(tiny_config(digits_dir, num_train_steps=10), str(tmp_path),
+  experiments.train_and_evaluate(tiny_config(digits_dir, num_train_steps=10), str(tmp_path),
                                progress=False)
   proc = subprocess.run([sys.executable, "-m", "mrl_jax.evaluate",
                          f"--encoder={tmp_path / 'encoder'}"],

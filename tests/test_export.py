@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from mrl_jax import export, inference, train_lib
-from mrl_jax.export import BundleError
-from mrl_jax.inference import Encoder
+from mrl_jax import experiments
+from mrl_jax.bundle import artifact
+from mrl_jax.bundle import encoder as inference
+from mrl_jax.bundle.artifact import BundleError
+from mrl_jax.bundle.encoder import Encoder
 from mrl_jax.tasks.classification import preprocessing_info
 
 
@@ -27,8 +29,8 @@ def trained(digits_dir, tmp_path_factory):
   """A trained tiny CNN: its workdir (with encoder/), inputs, embeddings and nested logits."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = _config(digits_dir)
-  train_lib.train_and_evaluate(config, workdir, progress=False)
-  experiment = train_lib.Experiment(config, workdir)
+  experiments.train_and_evaluate(config, workdir, progress=False)
+  experiment = experiments.create(config, workdir)
   experiment.close()
   task = experiment.task
   x = np.concatenate([b["image"] for b in task.eval_batches()])[:50]
@@ -170,7 +172,7 @@ def test_changed_missing_or_mismatched_bundle_files_fail_naming_the_file(trained
 
 def test_re_export_swaps_atomically_and_a_failed_export_keeps_the_old_bundle(trained, tmp_path):
   out = str(tmp_path / "encoder")
-  export.export_encoder(trained["workdir"], out)
+  experiments.export_encoder(trained["workdir"], out)
   before = Encoder.load(out).embed(trained["x"][:3])
 
   def dies(tmp):
@@ -178,10 +180,10 @@ def test_re_export_swaps_atomically_and_a_failed_export_keeps_the_old_bundle(tra
     raise KeyboardInterrupt  # killed half-way through writing the new bundle
 
   with pytest.raises(KeyboardInterrupt):
-    export.write_atomically(out, dies)
+    artifact.write_atomically(out, dies)
   np.testing.assert_array_equal(Encoder.load(out).embed(trained["x"][:3]), before)
   assert sorted(os.listdir(tmp_path)) == ["encoder"]  # no partial bundle left behind
-  export.export_encoder(trained["workdir"], out)  # a rerun replaces it whole
+  experiments.export_encoder(trained["workdir"], out)  # a rerun replaces it whole
   np.testing.assert_array_equal(Encoder.load(out).embed(trained["x"][:3]), before)
 
 
@@ -213,11 +215,11 @@ def test_nan_embeddings_from_the_model_itself_are_refused_not_quantised_to_zero(
 
 def test_a_killed_exports_leftovers_are_cleaned_by_the_next_export(trained, tmp_path):
   out = str(tmp_path / "encoder")
-  export.export_encoder(trained["workdir"], out)
+  experiments.export_encoder(trained["workdir"], out)
   shutil.copytree(out, out + ".tmp-deadbeef")  # as a kill mid-write leaves it
-  export.export_encoder(trained["workdir"], out)
+  experiments.export_encoder(trained["workdir"], out)
   assert sorted(os.listdir(tmp_path)) == ["encoder"]
   os.rename(out, out + ".old-12345678")  # a kill between the two renames of a swap
-  export._remove_leftovers(out)  # the next export puts the complete old bundle back first
+  artifact._remove_leftovers(out)  # the next export puts the complete old bundle back first
   assert sorted(os.listdir(tmp_path)) == ["encoder"]
   Encoder.load(out)

@@ -1,13 +1,13 @@
-"""Atomic folder replacement and JSON I/O (mrl_jax.fileio)."""
+"""Atomic folder replacement and JSON I/O (mrl_jax.core.fileio)."""
 
 import os
 import shutil
 
 import pytest
 
-from mrl_jax import fileio
-from mrl_jax.fileio import BundleError
-from mrl_jax.models.hf_bert import read_sentence_transformer
+from mrl_jax.bundle.hf_folder import read_sentence_transformer
+from mrl_jax.core import fileio
+from mrl_jax.core.fileio import BundleError
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_st_model")
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import tiny
 
-from mrl_jax import train_lib
+from mrl_jax import experiments
 from mrl_jax.data import grain_input, images, pipeline
 
 SEQUENTIAL = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -202,21 +202,21 @@ def test_tfrecord_only_data_is_refused_with_the_commands_that_convert_it(digits_
 def test_loop_resumes_exactly_and_reports_a_pipeline_change(digits_dir, tmp_path):
   """The task reads grain by default; its position ignores the process count."""
   kw = dict(schedule="constant", checkpoint_every_steps=5, log_every_steps=5, num_train_steps=10)
-  experiment = train_lib.Experiment(tiny("classification", digits_dir, **kw),
+  experiment = experiments.create(tiny("classification", digits_dir, **kw),
                                     str(tmp_path / "grain"))
   try:
     position = experiment.task.data_position(5)
   finally:
     experiment.close()
   assert position["input_pipeline"] == "grain" and "process_count" not in position
-  train_lib.train_and_evaluate(tiny("classification", digits_dir, input_pipeline="tf.data",
+  experiments.train_and_evaluate(tiny("classification", digits_dir, input_pipeline="tf.data",
                                     **kw), str(tmp_path / "tfdata"), progress=False,
                                export_dir="")
   with pytest.warns(UserWarning, match="different data order.*input_pipeline"):
-    train_lib.Experiment(tiny("classification", digits_dir, **{**kw, "num_train_steps": 20}),
+    experiments.create(tiny("classification", digits_dir, **{**kw, "num_train_steps": 20}),
                          str(tmp_path / "tfdata")).close()
   with pytest.raises(ValueError, match="config.input_pipeline='nope'"):
-    train_lib.Experiment(tiny("classification", digits_dir, input_pipeline="nope"),
+    experiments.create(tiny("classification", digits_dir, input_pipeline="nope"),
                          str(tmp_path / "bad"))
 
 

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrl_jax.heads import FixedFeatureHead, MRLHead
-from mrl_jax.prefix_matmul import naive_prefix_matmul, prefix_matmul
+from mrl_jax.core.heads import FixedFeatureHead, MRLHead
+from mrl_jax.core.prefix_matmul import naive_prefix_matmul, prefix_matmul
 
 DIM_LISTS = [(1, 2, 4, 8, 16), (8, 16), (3, 5, 12), (16,), (2, 6)]
 

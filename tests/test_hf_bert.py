@@ -1,4 +1,4 @@
-"""The sentence-transformers folder writer and reader (mrl_jax.models.hf_bert)."""
+"""The sentence-transformers folder writer and reader (mrl_jax.bundle.hf_folder)."""
 
 import json
 import os
@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, normalizers
 
-from mrl_jax import fileio
-from mrl_jax.fileio import BundleError
-from mrl_jax.models import hf_bert
-from mrl_jax.models.hf_bert import (
-    hf_bert_tensors,
-    load_sentence_transformer,
-    read_mrl_metadata,
-    read_sentence_transformer,
-    save_sentence_transformer,
+from mrl_jax.bundle import hf_folder
+from mrl_jax.bundle.hf_folder import (
+  hf_bert_tensors,
+  load_sentence_transformer,
+  read_mrl_metadata,
+  read_sentence_transformer,
+  save_sentence_transformer,
 )
+from mrl_jax.core import fileio
+from mrl_jax.core.fileio import BundleError
 from mrl_jax.models.text import BertConfig, convert_hf_bert_params, load_hf_bert
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -301,7 +301,7 @@ def rewrite_json(path, change):
   path.write_text(json.dumps(value), encoding="utf-8")
 
 
-@pytest.mark.parametrize("name", list(hf_bert.REQUIRED_FILES) + ["1_Pooling/config.json"])
+@pytest.mark.parametrize("name", list(hf_folder.REQUIRED_FILES) + ["1_Pooling/config.json"])
 def test_missing_file_is_named(folder, name):
   os.remove(folder / name)
   with pytest.raises(BundleError, match=f"{name}.* missing|{name} is missing"):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from mrl_jax import train_lib
-from mrl_jax.inference import Encoder
+from mrl_jax import experiments
+from mrl_jax.bundle.encoder import Encoder
 
 KW = dict(schedule="constant", eval_split="test[:64]")  # 30 steps, checkpoints every 10
 SEED = 14
@@ -26,7 +26,11 @@ SEED = 14
 CHILD = r"""
 import json, os, signal, sys, threading, time
 from conftest import tiny_config
-from mrl_jax import checkpoints, export, fileio, train_lib
+from mrl_jax.train import checkpoints
+from mrl_jax.bundle import artifact
+from mrl_jax.core import fileio
+from mrl_jax import experiments
+from mrl_jax.train import loop
 
 data_dir, workdir, spec, moment_file = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), \
     sys.argv[4]
@@ -63,7 +67,7 @@ for module, name in ((export, "write_metadata"), (fileio, "atomic_replace_dir"))
     return _call(*args, **kwargs)
   setattr(module, name, kill_then_call)
 
-experiment = train_lib.Experiment(tiny_config(data_dir, **json.loads(sys.argv[5])), workdir)
+experiment = experiments.create(tiny_config(data_dir, **json.loads(sys.argv[5])), workdir)
 try:
   experiment.train(progress=False, on_step=on_step)
   experiment.export()
@@ -88,7 +92,7 @@ def _trials() -> list[dict]:
 
 
 def _state(config, workdir):
-  experiment = train_lib.Experiment(config, workdir)
+  experiment = experiments.create(config, workdir)
   experiment.close()
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(experiment.state))]
 
@@ -112,7 +116,7 @@ def test_sigkill_at_random_moments_then_rerun_is_exact_and_exports_always_load(d
                                                                                tmp_path):
   config = tiny_config(digits_dir, **KW)
   straight = str(tmp_path / "straight")
-  want_eval = train_lib.train_and_evaluate(config, straight, progress=False)["eval"]
+  want_eval = experiments.train_and_evaluate(config, straight, progress=False)["eval"]
   want_state, want_weights = _state(config, straight), _weights(os.path.join(straight, "encoder"))
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
   moments, disks = [], []
@@ -132,7 +136,7 @@ def test_sigkill_at_random_moments_then_rerun_is_exact_and_exports_always_load(d
       assert _weights(bundle) == want_weights
     if os.path.isdir(bundle):
       Encoder.load(bundle)  # every export that exists is complete and loads
-    result = train_lib.train_and_evaluate(config, workdir, progress=False)  # the rerun
+    result = experiments.train_and_evaluate(config, workdir, progress=False)  # the rerun
     assert result["eval"] == want_eval and result["step"] == 30, spec
     for got, want in zip(_state(config, workdir), want_state, strict=True):
       np.testing.assert_array_equal(got, want)

@@ -1,4 +1,4 @@
-from mrl_jax.metric_writers import MetricWriter, expand_per_dim, format_scalars
+from mrl_jax.train.writers import MetricWriter, expand_per_dim, format_scalars
 
 
 def test_console_lines_show_every_nested_dim(tmp_path):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from mrl_jax import config_lib, models
-from mrl_jax.heads import FixedFeatureHead, MRLHead
+from mrl_jax import experiments, models
+from mrl_jax.core.heads import FixedFeatureHead, MRLHead
 
 
 @pytest.mark.parametrize("name,kwargs", [("mlp", dict(hidden=(16,))), ("cnn", dict(features=(4,)))])
@@ -18,7 +18,7 @@ def test_encoders_return_an_embedding(name, kwargs):
 
 @pytest.mark.parametrize("head,rows", [("mrl", 4), ("mrl_e", 4), ("ff", 1)])
 def test_classifier_gives_nested_logits_from_one_embedding(head, rows):
-  config = config_lib.validate_config(tiny_config("unused", head=head))
+  config = experiments.validate_config(tiny_config("unused", head=head))
   model = models.build_classifier(config, num_classes=10)
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 8, 8, 1))
   variables = model.init(jax.random.PRNGKey(1), x)
@@ -35,14 +35,14 @@ def test_classifier_gives_nested_logits_from_one_embedding(head, rows):
 
 
 def test_build_classifier_picks_head_and_dtype():
-  config = config_lib.validate_config(tiny_config("unused", head="mrl_e", half_precision=True))
+  config = experiments.validate_config(tiny_config("unused", head="mrl_e", half_precision=True))
   model = models.build_classifier(config, 3)
   assert isinstance(model.head, MRLHead) and model.head.tied
   assert model.head.dtype == jnp.bfloat16
-  ff = models.build_classifier(config_lib.validate_config(
+  ff = models.build_classifier(experiments.validate_config(
       tiny_config("unused", head="ff", ff_dim=4)), 3)
   assert isinstance(ff.head, FixedFeatureHead) and ff.head.dim == 4
-  bad = config_lib.validate_config(tiny_config("unused"))
+  bad = experiments.validate_config(tiny_config("unused"))
   bad.unlock()
   bad.encoder.name = "resnet9000"
   with pytest.raises(ValueError, match="unknown encoder 'resnet9000'"):

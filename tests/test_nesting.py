@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mrl_jax.nesting import Nesting, default_dims
+from mrl_jax.core.nesting import Nesting, default_dims
 
 
 def test_default_dims_is_the_papers_list():

@@ -4,7 +4,7 @@ import optax
 import pytest
 from conftest import tiny_config
 
-from mrl_jax import optim
+from mrl_jax.train import optim
 
 
 def test_paper_schedule_key_points():

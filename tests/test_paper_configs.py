@@ -5,7 +5,8 @@ import pytest
 from conftest import mock_tfds
 
 from configs import cifar10_resnet18, imagenet_resnet50, imagenet_vit_b16
-from mrl_jax import config_lib, optim, train_lib
+from mrl_jax import experiments
+from mrl_jax.train import optim
 
 MOCK_EXAMPLES = 8
 
@@ -30,7 +31,7 @@ def _shrink(config, data_dir: str, **encoder):
 
 def _run(config, workdir: str):
   with mock_tfds(MOCK_EXAMPLES):  # mock examples, real file system (see conftest)
-    experiment = train_lib.Experiment(config, workdir)
+    experiment = experiments.create(config, workdir)
     return experiment, experiment.train(progress=False)
 
 
@@ -77,7 +78,7 @@ def test_progressive_resizing_compiles_the_train_step_once_per_size(tmp_path, fa
 
 
 def test_paper_learning_rate_at_its_key_points():
-  config = config_lib.validate_config(imagenet_resnet50.get_config())
+  config = experiments.validate_config(imagenet_resnet50.get_config())
   steps_per_epoch = 1_281_167 // 1024  # ImageNet-1K train at global batch 1024: 1251
   lr = optim.learning_rate_schedule(config, steps_per_epoch)
   total, warmup = optim.total_and_warmup_steps(config, steps_per_epoch)
@@ -88,11 +89,11 @@ def test_paper_learning_rate_at_its_key_points():
   np.testing.assert_allclose(lr(total), 0.0, atol=1e-9)  # end: 0
   half = imagenet_resnet50.get_config()
   half.batch_size = 512
-  assert optim.peak_learning_rate(config_lib.validate_config(half)) == pytest.approx(0.2125)
+  assert optim.peak_learning_rate(experiments.validate_config(half)) == pytest.approx(0.2125)
 
 
 def test_recipe_fields_match_the_paper():
-  config = config_lib.validate_config(imagenet_resnet50.get_config())
+  config = experiments.validate_config(imagenet_resnet50.get_config())
   assert (config.optimizer, config.momentum, config.weight_decay) == ("sgd", 0.9, 1e-4)
   assert (config.label_smoothing, config.batch_size, config.num_epochs) == (0.1, 1024, 40.0)
   assert config.nesting.dims == (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -100,5 +101,5 @@ def test_recipe_fields_match_the_paper():
   assert round(config.input.image_size / config.input.crop_ratio) == 256
   start16 = imagenet_resnet50.get_config()
   start16.nesting.start = 16
-  assert config_lib.validate_config(start16).nesting.dims[0] == 16
+  assert experiments.validate_config(start16).nesting.dims[0] == 16
   assert list(config.nesting.weights) == [1.0] * 9

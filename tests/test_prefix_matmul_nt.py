@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrl_jax.prefix_matmul import prefix_matmul, prefix_matmul_nt
+from mrl_jax.core.prefix_matmul import prefix_matmul, prefix_matmul_nt
 
 
 @pytest.mark.parametrize("dims", [(1, 2, 4, 8, 16), (3, 5, 12), (16,)])

@@ -1,6 +1,6 @@
 import numpy as np
 
-from mrl_jax import probe
+from mrl_jax.evaluate import probe
 
 
 def _reference_softmax_regression(x, y, num_classes, steps=3000, lr=0.5, l2=1e-4):

@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import REPO, tiny_text_config
 
-from mrl_jax import train_lib
-from mrl_jax.config_lib import load_config_file
+from mrl_jax import experiments
+from mrl_jax.train.config import load_config_file
 
 README = os.path.join(REPO, "README.md")
 SNIPPETS = re.findall(r"```python\n(.*?)```", open(README, encoding="utf-8").read(), re.S)
@@ -35,8 +35,8 @@ def workdirs(digits_dir, tmp_path_factory):
                             data_dir=digits_dir, num_train_steps=20, log_every_steps=20,
                             eval_every_steps=20, checkpoint_every_steps=20)
   config.encoder.hidden = (32,)
-  train_lib.train_and_evaluate(config, str(root / "workdir" / "demo" / "mrl"), progress=False)
-  train_lib.train_and_evaluate(tiny_text_config(num_train_steps=10),
+  experiments.train_and_evaluate(config, str(root / "workdir" / "demo" / "mrl"), progress=False)
+  experiments.train_and_evaluate(tiny_text_config(num_train_steps=10),
                                str(root / "workdir" / "text"), progress=False)
   return root
 

@@ -7,7 +7,8 @@ from conftest import tiny_config
 from jax.sharding import PartitionSpec
 from subprocess_util import run_python
 
-from mrl_jax import sharding, train_lib
+from mrl_jax import experiments
+from mrl_jax.train import sharding
 
 
 def test_mesh_shape_defaults_to_all_devices_on_data_and_names_bad_shapes():
@@ -47,13 +48,14 @@ def _cnn_config(digits_dir, **kw):
 EIGHT_DEVICES = """
 import json, jax, numpy as np
 from test_sharding import _cnn_config
-from mrl_jax import train_lib
+from mrl_jax import experiments
+from mrl_jax.train import loop
 assert jax.device_count() == 8, jax.devices()
 save = lambda name, tree: np.savez({tmp!r} + "/" + name + ".npz",
                                    *jax.device_get(jax.tree.leaves(tree)))
 out = {{}}
 for name, shape in (("dp", (8, 1)), ("fsdp", (2, 4))):
-  exp = train_lib.Experiment(_cnn_config({data_dir!r}, mesh_shape=shape), {tmp!r} + "/" + name)
+  exp = experiments.create(_cnn_config({data_dir!r}, mesh_shape=shape), {tmp!r} + "/" + name)
   assert exp.mesh.shape == dict(zip(("data", "fsdp"), shape)), exp.mesh
   losses = []
   result = exp.train(progress=False, on_step=lambda step, m: losses.append(float(m["loss"])))
@@ -61,7 +63,7 @@ for name, shape in (("dp", (8, 1)), ("fsdp", (2, 4))):
                    fsdp_split=sum("fsdp" in str(x.sharding.spec)
                                   for x in jax.tree.leaves(exp.state)))
   save(name, exp.state.params)
-restored = train_lib.Experiment(_cnn_config({data_dir!r}, mesh_shape=(2, 4)), {one!r})
+restored = experiments.create(_cnn_config({data_dir!r}, mesh_shape=(2, 4)), {one!r})
 out["restored_split"] = sum("fsdp" in str(x.sharding.spec)
                             for x in jax.tree.leaves(restored.state.params))
 save("restored_from_1", restored.state.params)
@@ -72,7 +74,7 @@ print("RESULT" + json.dumps(out))
 @pytest.mark.slow
 def test_eight_devices_dp_and_fsdp_match_one_device_and_checkpoints_move_between_meshes(
     digits_dir, tmp_path):
-  one = train_lib.Experiment(_cnn_config(digits_dir), str(tmp_path / "one"))
+  one = experiments.create(_cnn_config(digits_dir), str(tmp_path / "one"))
   losses = []
   result = one.train(progress=False, on_step=lambda step, m: losses.append(float(m["loss"])))
   params = jax.device_get(jax.tree.leaves(one.state.params))
@@ -94,7 +96,7 @@ def test_eight_devices_dp_and_fsdp_match_one_device_and_checkpoints_move_between
   for i, want in enumerate(params):
     np.testing.assert_array_equal(restored[f"arr_{i}"], want)
   # Saved on the 8-device FSDP mesh, restored onto 1 device: bit-identical.
-  back = train_lib.Experiment(_cnn_config(digits_dir), str(tmp_path / "fsdp"))
+  back = experiments.create(_cnn_config(digits_dir), str(tmp_path / "fsdp"))
   assert back.step == 6
   trained = np.load(tmp_path / "fsdp.npz")
   for i, got in enumerate(jax.device_get(jax.tree.leaves(back.state.params))):
@@ -111,10 +113,11 @@ def _text_config(**kw):
 EIGHT_DEVICES_TEXT = """
 import json, jax, numpy as np
 from test_sharding import _text_config
-from mrl_jax import train_lib
+from mrl_jax import experiments
+from mrl_jax.train import loop
 out = {{}}
 for name, shape in (("dp", (8, 1)), ("fsdp", (2, 4))):
-  exp = train_lib.Experiment(_text_config(mesh_shape=shape), {tmp!r} + "/" + name)
+  exp = experiments.create(_text_config(mesh_shape=shape), {tmp!r} + "/" + name)
   losses = []
   exp.train(progress=False, on_step=lambda step, m: losses.append(float(m["loss"])))
   out[name] = dict(losses=losses, fsdp_split=sum("fsdp" in str(x.sharding.spec)
@@ -126,7 +129,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.slow
 def test_eight_devices_dp_and_fsdp_match_one_device_for_the_pairs_task(tmp_path):
-  one = train_lib.Experiment(_text_config(), str(tmp_path / "one"))
+  one = experiments.create(_text_config(), str(tmp_path / "one"))
   losses = []
   one.train(progress=False, on_step=lambda step, m: losses.append(float(m["loss"])))
   one.close()

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrl_jax import config_lib, train_lib
-from mrl_jax import sharding as sharding_lib
-from mrl_jax.inference import Encoder
+from mrl_jax import experiments
+from mrl_jax.bundle.encoder import Encoder
 from mrl_jax.losses.adaptor import adaptor_loss
 from mrl_jax.tasks.adaptor import AdaptorTask, EpochBatches, held_out_rows
+from mrl_jax.train import config as config_lib
+from mrl_jax.train import sharding as sharding_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIMS = (8, 16, 32, 64)
@@ -73,8 +74,8 @@ def files(tmp_path_factory):
 def trained(files, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("adaptor_run"))
   config = _config(files["x"])
-  result = train_lib.train_and_evaluate(config, workdir, progress=False)
-  experiment = train_lib.Experiment(config, workdir)  # restores the last step
+  result = experiments.train_and_evaluate(config, workdir, progress=False)
+  experiment = experiments.create(config, workdir)  # restores the last step
   experiment.close()
   return experiment, result, workdir
 
@@ -116,7 +117,7 @@ def test_the_bundle_serves_the_trained_adaptor_truncated_then_normalised(trained
 
 
 def test_batches_depend_only_on_seed_and_step_and_never_hold_eval_rows(files, tmp_path):
-  config = config_lib.validate_config(_config(files["x"]))
+  config = experiments.validate_config(_config(files["x"]))
   task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
   data = task.data
   assert data.eval_rows.size == 150 and data.train_rows.size == 450
@@ -137,7 +138,7 @@ def test_batches_depend_only_on_seed_and_step_and_never_hold_eval_rows(files, tm
 
 def test_supervised_loss_is_adaptor_loss_and_pairs_are_split_by_held_out_document(files,
                                                                                   tmp_path):
-  config = config_lib.validate_config(_config(
+  config = experiments.validate_config(_config(
       files["x"], queries_file=files["queries"], pairs_file=files["pairs"], pair_batch_size=32,
       nesting={"dims": (8, 64), "weights": (2.0, 1.0)}, rank_weight=0.5))
   task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
@@ -169,9 +170,9 @@ def test_supervised_loss_is_adaptor_loss_and_pairs_are_split_by_held_out_documen
 def test_pca_init_starts_as_uncentred_pca_of_the_training_rows(files, tmp_path):
   from mrl_jax.evaluate.adaptor import fit_pca
 
-  config = config_lib.validate_config(_config(files["x"], adaptor={"init": "pca"}))
+  config = experiments.validate_config(_config(files["x"], adaptor={"init": "pca"}))
   task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
-  assert AdaptorTask(config_lib.validate_config(_config(files["x"])), workdir=str(tmp_path),
+  assert AdaptorTask(experiments.validate_config(_config(files["x"])), workdir=str(tmp_path),
                      mesh=sharding_lib.make_mesh()).pretrained_variables() is None
   x = task.data.embeddings
   pca = fit_pca(x[task.data.train_rows], center=False)
@@ -232,7 +233,7 @@ def test_bad_inputs_fail_naming_the_field(change, message, tmp_path):
     else:
       config[key] = value
   with pytest.raises(ValueError, match=message):
-    config_lib.validate_config(config)
+    experiments.validate_config(config)
 
 
 @pytest.mark.slow
@@ -261,7 +262,7 @@ def test_a_text_encoder_and_the_adaptor_compose_into_one_bundle(tmp_path):
 
   from mrl_jax.tasks.pairs import PairsTask
 
-  text_task = PairsTask(config_lib.validate_config(tiny_text_config()),
+  text_task = PairsTask(experiments.validate_config(tiny_text_config()),
                         workdir=str(tmp_path / "text_run"), mesh=sharding_lib.make_mesh())
   text_dir = str(tmp_path / "text")
   os.makedirs(text_dir)
@@ -271,7 +272,7 @@ def test_a_text_encoder_and_the_adaptor_compose_into_one_bundle(tmp_path):
   config = _config(_write(tmp_path, "texts", raw), text_encoder=text_dir, batch_size=32,
                    eval_k=5, num_train_steps=10, eval_every_steps=10,
                    nesting={"dims": (8, 16, 32)})
-  result = train_lib.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  result = experiments.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
   composed = Encoder.load(result["export_dir"])
   assert composed.modality == "embedding" and composed.dims == (8, 16, 32)
   for m in composed.dims:
@@ -281,8 +282,8 @@ def test_a_text_encoder_and_the_adaptor_compose_into_one_bundle(tmp_path):
                                                                       keepdims=True), atol=1e-4)
   small = {"batch_size": 32, "eval_k": 5, "nesting": {"dims": (8, 16, 32)}}
   with pytest.raises(ValueError, match="config.text_encoder=.* modality 'embedding', not 'text'"):
-    config_lib.validate_config(_config(_write(tmp_path, "texts", raw),
+    experiments.validate_config(_config(_write(tmp_path, "texts", raw),
                                        text_encoder=result["export_dir"], **small))
   with pytest.raises(ValueError, match="config.text_encoder=.* embeds 32 dims"):
-    config_lib.validate_config(_config(_write(tmp_path, "wide", np.tile(raw, (1, 2))),
+    experiments.validate_config(_config(_write(tmp_path, "wide", np.tile(raw, (1, 2))),
                                        text_encoder=text_dir, **small))

@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 from conftest import tiny_text_config
 
-from mrl_jax import sharding as sharding_lib
-from mrl_jax import train_lib
+from mrl_jax import experiments
+from mrl_jax.bundle.encoder import Encoder
 from mrl_jax.evaluate.text import pair_retrieval_per_dim
-from mrl_jax.inference import Encoder
 from mrl_jax.losses import in_batch_softmax, matryoshka
 from mrl_jax.tasks.pairs import PairsTask
+from mrl_jax.train import sharding as sharding_lib
 
 
 def _task(tmp_path, **overrides):
-  from mrl_jax import config_lib
 
-  config = config_lib.validate_config(tiny_text_config(**overrides))
+  config = experiments.validate_config(tiny_text_config(**overrides))
   return PairsTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
 
 
@@ -57,8 +56,8 @@ def test_pair_retrieval_metrics_follow_their_definitions():
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("text_run"))
   config = tiny_text_config(num_train_steps=20)
-  result = train_lib.train_and_evaluate(config, workdir, progress=False)
-  experiment = train_lib.Experiment(config, workdir)
+  result = experiments.train_and_evaluate(config, workdir, progress=False)
+  experiment = experiments.create(config, workdir)
   experiment.close()
   return experiment, result
 
@@ -87,7 +86,6 @@ def test_export_is_a_sentence_transformers_folder_served_exactly_at_every_dim(tr
 
 
 def test_bad_text_configs_name_the_field(tmp_path):
-  from mrl_jax import config_lib
 
   cases = [({"nesting": {"dims": (8, 64)}}, "larger than the embedding"),
            ({"loss": "cosent"}, "config.loss"), ({"n_dims_per_step": 4}, "n_dims_per_step"),
@@ -95,9 +93,9 @@ def test_bad_text_configs_name_the_field(tmp_path):
            ({"encoder": {"dropout": 1.5}}, "encoder.dropout")]
   for overrides, match in cases:
     with pytest.raises(ValueError, match=match):
-      config_lib.validate_config(tiny_text_config(**overrides))
+      experiments.validate_config(tiny_text_config(**overrides))
   with pytest.raises(ValueError, match="does not divide"):
-    config_lib.validate_config(tiny_text_config(batch_size=15), num_devices=2)
+    experiments.validate_config(tiny_text_config(batch_size=15), num_devices=2)
 
 
 def test_cached_step_equals_the_full_batch_step_with_hard_negatives(tmp_path):
@@ -120,7 +118,7 @@ def test_cached_step_equals_the_full_batch_step_with_hard_negatives(tmp_path):
 
 
 def test_a_single_nesting_dim_exports_an_ordinary_model(tmp_path):
-  result = train_lib.train_and_evaluate(tiny_text_config(num_train_steps=2,
+  result = experiments.train_and_evaluate(tiny_text_config(num_train_steps=2,
                                                          nesting={"dims": (32,)}),
                                         str(tmp_path), progress=False)
   config = json.load(open(os.path.join(result["export_dir"], "config.json")))

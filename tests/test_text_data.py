@@ -7,15 +7,14 @@ import pytest
 from text_testutil import make_tokenizer_json
 
 from mrl_jax.data.text import (
-    PairMixture,
-    TextPairs,
-    TextTokenizer,
-    bucket_lengths,
-    read_scored_pairs,
-    read_text_pairs,
-    tokenize_pairs,
+  PairMixture,
+  TextPairs,
+  read_scored_pairs,
+  read_text_pairs,
+  tokenize_pairs,
 )
-from mrl_jax.sts import cosine_per_dim, spearman, spearman_per_dim
+from mrl_jax.evaluate.sts import cosine_per_dim, spearman, spearman_per_dim
+from mrl_jax.tokenizer import TextTokenizer, bucket_lengths
 
 
 @pytest.fixture(scope="module")

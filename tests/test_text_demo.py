@@ -9,10 +9,10 @@ import pytest
 from conftest import REPO, tiny_text_config
 
 from mrl_jax import demo
-from mrl_jax.config_lib import load_config_file
+from mrl_jax.bundle.encoder import Encoder
 from mrl_jax.data.stdlib_corpus import write_stdlib_corpus
 from mrl_jax.data.text import read_text_pairs
-from mrl_jax.inference import Encoder
+from mrl_jax.train.config import load_config_file
 
 MODULES = ["textwrap", "json.decoder", "json.encoder", "shlex", "fnmatch", "glob", "difflib",
            "calendar", "heapq", "statistics", "fractions", "base64", "ipaddress", "copy", "pprint"]

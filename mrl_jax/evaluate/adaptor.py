@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from mrl_jax.core.nesting import Nesting
 from mrl_jax.evaluate.index import PrefixIndex
 from mrl_jax.evaluate.metrics import _check_k, recall_at_k
 
@@ -70,8 +71,6 @@ def check_embeddings(x, name: str = "embeddings", *, embed_dim: int | None = Non
 
 def check_dims(dims: Sequence[int], embed_dim: int) -> tuple[int, ...]:
   """``dims`` as strictly increasing ints in ``[1, embed_dim]``, else ``ValueError``."""
-  from mrl_jax.nesting import Nesting
-
   return Nesting(tuple(dims), embed_dim=embed_dim).dims
 
 

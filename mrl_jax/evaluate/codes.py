@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax import ops
+from mrl_jax.core import ops
 from mrl_jax.evaluate import knn
 
 CODE_KINDS = ("binary", "int8")
@@ -93,7 +93,7 @@ def code_width(dim: int, kind: str) -> int:
 def quantize_embeddings(z, kind: str) -> jax.Array:
   """Codes of truncated-then-normalised embeddings (see the module docstring).
 
-  The rule of :func:`mrl_jax.ops.quantize`, which :class:`mrl_jax.inference.Encoder`
+  The rule of :func:`mrl_jax.core.ops.quantize`, which :class:`mrl_jax.bundle.encoder.Encoder`
   serves. Works under ``jit``; called on a concrete array it refuses non-finite rows
   (a NaN row would otherwise become an all-zero code).
 

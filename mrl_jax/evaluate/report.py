@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mrl_jax.core.nesting import Nesting
 from mrl_jax.evaluate import cascade as cascade_lib
 from mrl_jax.evaluate import codes as codes_lib
 from mrl_jax.evaluate import plots
@@ -24,7 +25,6 @@ from mrl_jax.evaluate.classification import per_dim_accuracy
 from mrl_jax.evaluate.index import Array, PrefixIndex
 from mrl_jax.evaluate.metrics import MAP_DENOMINATORS, retrieval_metrics
 from mrl_jax.evaluate.retrieval import RetrievalResult, cascade_retrieval, funnel_retrieval
-from mrl_jax.nesting import Nesting
 
 METRICS_FILE = "metrics.json"
 DEFAULT_KS = (10, 25, 50, 100)

@@ -2,7 +2,7 @@
 
 Both evaluators see only an ``embed(texts) -> [N, D]`` function (big_vision's
 evaluator pattern), so they serve a training run and an exported
-:class:`~mrl_jax.inference.Encoder` alike.
+:class:`~mrl_jax.bundle.encoder.Encoder` alike.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from mrl_jax import sts
-from mrl_jax.nesting import Nesting
+from mrl_jax.core.nesting import Nesting
+from mrl_jax.evaluate import sts
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 

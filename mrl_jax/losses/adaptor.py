@@ -50,8 +50,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from mrl_jax.core.nesting import Nesting
 from mrl_jax.losses import l2_normalize, nested_in_batch_softmax_per_dim
-from mrl_jax.nesting import Nesting
 
 
 def _check_pair(embeddings: jax.Array, adapted: jax.Array) -> None:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax.losses._validate import check_label_smoothing, check_weights_array
+from mrl_jax.core.checks import check_label_smoothing, check_weights_array
 
 
 def _check_logits_labels(logits: jax.Array, labels: jax.Array) -> None:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax.losses._validate import check_positive
+from mrl_jax.core.checks import check_positive
 
 NORM_EPS = 1e-12
 

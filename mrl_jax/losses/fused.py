@@ -3,7 +3,7 @@
 ``matryoshka(in_batch_softmax, dims)`` computes one similarity matmul, one
 softmax and one backward per size. Here the dot products of every prefix come
 from one blocked matmul and a cumulative sum
-(:func:`~mrl_jax.prefix_matmul.prefix_matmul_nt`), the prefix norms from
+(:func:`~mrl_jax.core.prefix_matmul.prefix_matmul_nt`), the prefix norms from
 cumulative block sums of squares, and the backward of the cosine softmax is
 written by hand (``jax.custom_vjp``): letting autodiff differentiate the block
 cumulative sum keeps most of the per-dim cost in the backward pass.
@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax.losses._validate import check_bool, check_positive
+from mrl_jax.core.checks import check_bool, check_positive
+from mrl_jax.core.nesting import Nesting
+from mrl_jax.core.prefix_matmul import prefix_matmul_nt
 from mrl_jax.losses.embedding import NORM_EPS, candidates, check_pair
-from mrl_jax.nesting import Nesting
-from mrl_jax.prefix_matmul import prefix_matmul_nt
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

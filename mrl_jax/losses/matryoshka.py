@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax.losses._validate import check_bool, check_non_negative
+from mrl_jax.core.checks import check_bool, check_non_negative
+from mrl_jax.core.nesting import Nesting
 from mrl_jax.losses.embedding import l2_normalize, layer_kl_divergence
-from mrl_jax.nesting import Nesting
 
 EmbeddingLoss = Callable[..., jax.Array]
 ArgSpec = tuple[int | str, ...]
@@ -248,7 +248,7 @@ def matryoshka(
     :func:`adaptive_layer` can wrap it.
 
   Raises:
-    ValueError: bad dims or weights (see :class:`~mrl_jax.nesting.Nesting`),
+    ValueError: bad dims or weights (see :class:`~mrl_jax.core.nesting.Nesting`),
       ``n_dims_per_step``, ``embedding_args`` (or none declared), and at call time
       a size larger than the embeddings.
   """

@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrl_jax.heads import FixedFeatureHead, MRLHead
+from mrl_jax.core.heads import FixedFeatureHead, MRLHead
 from mrl_jax.models.classifier import Classifier, head_dims
 from mrl_jax.models.resnet import ResNet
 from mrl_jax.models.small import CNN, MLP

@@ -7,19 +7,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from mrl_jax.heads import FixedFeatureHead, MRLHead
+from mrl_jax.core.heads import FixedFeatureHead, MRLHead
 
 
 class Classifier(nn.Module):
   """``encoder`` then ``head``; always returns nested logits ``[M, B, C]``.
 
   One backbone forward per call: every nested head reads a slice of the same
-  embedding. A :class:`~mrl_jax.heads.FixedFeatureHead` gives ``M = 1``.
+  embedding. A :class:`~mrl_jax.core.heads.FixedFeatureHead` gives ``M = 1``.
 
   Attributes:
     encoder: a module mapping ``(x, train) -> z [B, D]``.
-    head: an :class:`~mrl_jax.heads.MRLHead` or
-      :class:`~mrl_jax.heads.FixedFeatureHead`.
+    head: an :class:`~mrl_jax.core.heads.MRLHead` or
+      :class:`~mrl_jax.core.heads.FixedFeatureHead`.
   """
 
   encoder: nn.Module

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax import ops
-from mrl_jax.data.text import TextTokenizer
+from mrl_jax.core import ops
+from mrl_jax.tokenizer import TextTokenizer
 
 Dtype = Any
 
@@ -353,7 +353,7 @@ class HFBert:
     model: the :class:`TextEncoder` (pooling from the checkpoint's
       sentence-transformers ``1_Pooling/config.json`` when present, else mean).
     params: the ``params`` collection for ``model.apply``.
-    tokenizer: a :class:`~mrl_jax.data.text.TextTokenizer`.
+    tokenizer: a :class:`~mrl_jax.tokenizer.TextTokenizer`.
     normalize: whether the checkpoint's sentence-transformers pipeline ends with
       L2 normalisation (a ``Normalize`` module in ``modules.json``).
   """

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from mrl_jax.tasks.base import Task
+from mrl_jax.train.task import Task
 
 _BUILTIN = {
     "classification": "mrl_jax.tasks.classification:ClassificationTask",

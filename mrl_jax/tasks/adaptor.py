@@ -40,17 +40,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mrl_jax import config_lib, export, fileio
+from mrl_jax.bundle import artifact
+from mrl_jax.core import fileio
 from mrl_jax.evaluate.adaptor import (
-    check_embeddings,
-    check_pairs,
-    compare_reductions,
-    fit_pca,
-    format_reduction_table,
+  check_embeddings,
+  check_pairs,
+  compare_reductions,
+  fit_pca,
+  format_reduction_table,
 )
 from mrl_jax.losses.adaptor import GAPS, adaptor_loss
 from mrl_jax.models.adaptor import ACTIVATIONS, MatryoshkaAdaptor
-from mrl_jax.tasks import base, register
+from mrl_jax.tasks import register
+from mrl_jax.train import config as config_lib
+from mrl_jax.train import task as base
 
 _SPLIT_TAG = 0x5EED  # the held-out rows depend on N only, not on config.seed
 _ROWS_TAG, _PAIRS_TAG = 1, 2
@@ -197,12 +200,12 @@ def check_text_encoder(path: Any, embed_dim: int) -> None:
   if not isinstance(path, str) or not os.path.isdir(path):
     raise ValueError(f"config.text_encoder={path!r} is not a folder (an exported text bundle)")
   try:
-    meta = export.read_metadata(path)
+    meta = artifact.read_metadata(path)
     if meta["modality"] != "text":
       raise ValueError(f"config.text_encoder={path!r} is a bundle of modality "
                        f"{meta['modality']!r}, not 'text'")
-    width = int(export.read_json(os.path.join(path, export.CONFIG_FILE))["hidden_size"])
-  except (export.BundleError, KeyError, TypeError) as e:
+    width = int(artifact.read_json(os.path.join(path, artifact.CONFIG_FILE))["hidden_size"])
+  except (artifact.BundleError, KeyError, TypeError) as e:
     raise ValueError(f"config.text_encoder={path!r}: not a readable text bundle: {e}") from None
   if width != embed_dim:
     raise ValueError(f"config.text_encoder={path!r} embeds {width} dims, config.embeddings_file "
@@ -468,6 +471,7 @@ class AdaptorTask(base.Task):
 
   def write_plots(self, table: dict[str, dict[str, list[float]]]) -> list[str]:
     """``workdir/plots/<metric>.png``: each method's metric (%) against the nested dim."""
+    # matplotlib: imported only when a plot is written.
     from mrl_jax.evaluate.plots import plot_accuracy_vs_dim
 
     k, paths = self.config.eval_k, []
@@ -509,7 +513,8 @@ class AdaptorTask(base.Task):
     return {"embed_dim": self.embed_dim, "num_rows": int(self.data.embeddings.shape[0])}
 
   def model_config(self) -> dict[str, Any]:
-    """``config.json`` of an embedding bundle: what :class:`~mrl_jax.inference.Encoder` rebuilds."""
+    """``config.json`` of an embedding bundle: what :class:`~mrl_jax.bundle.encoder.Encoder`
+    rebuilds."""
     c = self.config
     return {
         "model_type": "mrl_jax_embedding_adaptor",
@@ -537,10 +542,10 @@ class AdaptorTask(base.Task):
       check_text_encoder(self.config.text_encoder, self.embed_dim)  # unchanged since training
       shutil.copytree(self.config.text_encoder, os.path.join(out_dir, TEXT_ENCODER_DIR))
     model_config = self.model_config()
-    fileio.write_json(os.path.join(out_dir, export.CONFIG_FILE), model_config,
-                      what=export.CONFIG_FILE)
-    export.save_weights(out_dir, {"params": variables["params"]})
-    export.write_metadata(
+    fileio.write_json(os.path.join(out_dir, artifact.CONFIG_FILE), model_config,
+                      what=artifact.CONFIG_FILE)
+    artifact.save_weights(out_dir, {"params": variables["params"]})
+    artifact.write_metadata(
         out_dir, modality="embedding", dims=model_config["matryoshka_dimensions"],
         weights=[float(w) for w in self.config.nesting.weights], is_matryoshka=True, step=step,
         task=self.name, training_config=config_lib.plain(self.config.to_dict()))

@@ -8,7 +8,7 @@ Model: ``encoder -> z [B, D] -> head`` (:class:`mrl_jax.models.Classifier`);
 loss: the summed, weighted nested softmax cross-entropy with label smoothing
 (Kusupati et al. 2022, eq. 1). Metrics per nested dim: loss and top-1.
 Export: the encoder AND its nested heads, so per-dim top-1 and the cascade
-come from the bundle (:class:`mrl_jax.inference.Encoder`).
+come from the bundle (:class:`mrl_jax.bundle.encoder.Encoder`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mrl_jax import config_lib, export, fileio, models
-from mrl_jax import sharding as sharding_lib
+from mrl_jax import models
+from mrl_jax.bundle import artifact
+from mrl_jax.core import fileio
 from mrl_jax.losses import nested_loss_per_dim, softmax_cross_entropy_per_dim
-from mrl_jax.tasks import base, register
+from mrl_jax.tasks import register
+from mrl_jax.train import config as config_lib
+from mrl_jax.train import sharding as sharding_lib
+from mrl_jax.train import task as base
 
 HEADS = ("mrl", "mrl_e", "ff")
 
@@ -43,6 +47,7 @@ class ClassificationTask(base.Task):
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
+    # TensorFlow / grain (the images extra): imported only when data is read.
     from mrl_jax.data import grain_input, images
 
     config_lib.choice(config.input_pipeline, "input_pipeline",
@@ -64,6 +69,7 @@ class ClassificationTask(base.Task):
 
   def __init__(self, config: ml_collections.ConfigDict, *, workdir: str,
                mesh: jax.sharding.Mesh):
+    # TensorFlow / grain (the images extra): imported only when data is read.
     from mrl_jax.data import grain_input, images, pipeline
 
     super().__init__(config, workdir=workdir, mesh=mesh)
@@ -118,6 +124,7 @@ class ClassificationTask(base.Task):
 
   def train_batches(self, start_step: int) -> Iterator[base.Batch]:
     """grain: reads no record before ``start_step``; tf.data: reads and skips them."""
+    # TensorFlow / grain (the images extra): imported only when data is read.
     from mrl_jax.data import grain_input
 
     c = self.config
@@ -140,6 +147,7 @@ class ClassificationTask(base.Task):
 
   def eval_batches(self, split: str | None = None) -> Iterable[dict]:
     """A padded, masked pass over ``split`` (default: the config's eval split)."""
+    # TensorFlow / grain (the images extra): imported only when data is read.
     from mrl_jax.data import grain_input
 
     split = split or self.config.eval_split
@@ -200,7 +208,8 @@ class ClassificationTask(base.Task):
     return {"num_classes": self.spec.num_classes, "image_shape": list(self.spec.image_shape)}
 
   def model_config(self) -> dict[str, Any]:
-    """``config.json`` of an image bundle: what :class:`~mrl_jax.inference.Encoder` rebuilds."""
+    """``config.json`` of an image bundle: what :class:`~mrl_jax.bundle.encoder.Encoder`
+    rebuilds."""
     c = self.config
     return {
         "model_type": "mrl_jax_image_encoder",
@@ -219,10 +228,10 @@ class ClassificationTask(base.Task):
 
   def export(self, variables: base.Variables, out_dir: str, *, step: int) -> None:
     model_config = self.model_config()
-    fileio.write_json(os.path.join(out_dir, export.CONFIG_FILE), model_config,
-                      what=export.CONFIG_FILE)
-    export.save_weights(out_dir, split_variables(variables))
-    export.write_metadata(
+    fileio.write_json(os.path.join(out_dir, artifact.CONFIG_FILE), model_config,
+                      what=artifact.CONFIG_FILE)
+    artifact.save_weights(out_dir, split_variables(variables))
+    artifact.write_metadata(
         out_dir, modality="image", dims=model_config["matryoshka_dimensions"],
         weights=[float(w) for w in np.asarray(self.weights)],
         is_matryoshka=model_config["is_matryoshka"], step=step, task=self.name,
@@ -250,7 +259,7 @@ def preprocessing_info(config_dict: dict) -> dict[str, Any]:
   pixel values: ``"scale"`` (the default) divides by 255; ``"imagenet"`` and
   ``"cifar"`` compute ``(x / 255 - mean) / std`` per channel, i.e.
   ``scale = 1 / (255 * std)`` and ``offset = -mean / std`` (one entry per
-  channel). :meth:`mrl_jax.inference.Encoder.preprocess` applies the rule; for
+  channel). :meth:`mrl_jax.bundle.encoder.Encoder.preprocess` applies the rule; for
   ``"imagenet"`` it expects images already resized to ``eval_resize`` (shorter
   side) and centre-cropped to ``eval_crop``, as the eval pipeline does.
   """

@@ -15,7 +15,7 @@ The encoder is a local Hugging Face BERT (``config.model_dir``, e.g.
 all-MiniLM-L6-v2) or a random one with a word-level vocabulary built from the
 data; that vocabulary is saved in ``workdir/assets/`` on the first run and
 reused on every resume (never rebuilt from files that may have changed). The
-export is a sentence-transformers folder (:mod:`mrl_jax.models.hf_bert`).
+export is a sentence-transformers folder (:mod:`mrl_jax.bundle.hf_folder`).
 """
 
 from __future__ import annotations
@@ -32,27 +32,32 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mrl_jax import config_lib, export
+from mrl_jax.bundle import artifact
+from mrl_jax.bundle.hf_folder import save_sentence_transformer
 from mrl_jax.data.text import (
-    PairMixture,
-    TextTokenizer,
-    bucket_lengths,
-    read_scored_pairs,
-    read_text_pairs,
-    tokenize_pairs,
+  PairMixture,
+  read_scored_pairs,
+  read_text_pairs,
+  tokenize_pairs,
+)
+from mrl_jax.data.text import (
+  eval_data as eval_data_files,
 )
 from mrl_jax.evaluate.text import evaluate_text
 from mrl_jax.losses import (
-    cached_value_and_grad,
-    in_batch_softmax,
-    matryoshka,
-    matryoshka_2d,
-    nested_in_batch_softmax_per_dim,
-    sample_nested_indices,
-    symmetric_in_batch_softmax,
+  cached_value_and_grad,
+  in_batch_softmax,
+  matryoshka,
+  matryoshka_2d,
+  nested_in_batch_softmax_per_dim,
+  sample_nested_indices,
+  symmetric_in_batch_softmax,
 )
 from mrl_jax.models.text import POOLINGS, BertConfig, TextEncoder, load_hf_bert
-from mrl_jax.tasks import base, register
+from mrl_jax.tasks import register
+from mrl_jax.tokenizer import TextTokenizer, bucket_lengths
+from mrl_jax.train import config as config_lib
+from mrl_jax.train import task as base
 
 LOSSES = ("fused", "matryoshka", "2d")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -352,8 +357,6 @@ class PairsTask(base.Task):
     return {"bert_config": dataclasses.asdict(self.model.config), "pooling": self.model.pooling}
 
   def export(self, variables: base.Variables, out_dir: str, *, step: int) -> None:
-    from mrl_jax.models.hf_bert import save_sentence_transformer
-
     # One nesting dim is an ordinary model: serving engines must not truncate it.
     is_matryoshka = len(self.dims) > 1
     save_sentence_transformer(
@@ -362,7 +365,7 @@ class PairsTask(base.Task):
         max_seq_length=self.tokenizer.max_length,
         matryoshka_dimensions=self.dims if is_matryoshka else (), normalize=True,
         overwrite=True)
-    export.write_metadata(
+    artifact.write_metadata(
         out_dir, modality="text", dims=list(self.dims),
         weights=[float(w) for w in np.asarray(self.weights)], is_matryoshka=is_matryoshka,
         step=step,
@@ -370,14 +373,8 @@ class PairsTask(base.Task):
 
 
 def eval_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-  """``(scored, pairs)`` for :func:`~mrl_jax.evaluate.text.evaluate_text` from the eval files.
-
-  ``scored = (texts_a, texts_b, gold [N])`` from ``config.eval_file``;
-  ``pairs = (anchors, positives)`` from ``config.eval_pairs_file``; None where unset.
-  """
-  scored = read_scored_pairs(config.eval_file) if config.get("eval_file") else None
-  rows = read_text_pairs(config.eval_pairs_file) if config.get("eval_pairs_file") else None
-  return scored, (rows.anchors, rows.positives) if rows else None
+  """:func:`mrl_jax.data.text.eval_data` of ``config.eval_file`` / ``config.eval_pairs_file``."""
+  return eval_data_files(config.get("eval_file"), config.get("eval_pairs_file"))
 
 
 def train_files(config: ml_collections.ConfigDict) -> list[str]:

@@ -78,8 +78,8 @@ def word_tokenizer(texts):
 def write_model() -> None:
   import jax
   import jax.numpy as jnp
-
   from mrl_jax.models.hf_bert import save_sentence_transformer
+
   from mrl_jax.models.text import BertConfig, TextEncoder
 
   tokenizer = word_tokenizer(CORPUS)

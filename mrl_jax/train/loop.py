@@ -2,7 +2,7 @@
 
 The task (:mod:`mrl_jax.tasks`) supplies data, model, loss, evaluation and
 export; this module owns the rest: the ``("data", "fsdp")`` mesh
-(:mod:`mrl_jax.sharding`), the train state initialised straight into its
+(:mod:`mrl_jax.train.sharding`), the train state initialised straight into its
 shardings, ONE ``jax.jit`` step with the state donated, Orbax checkpoints
 (async, best-by-metric, retention), exact resume, ``SIGTERM`` preemption, the
 NaN/inf stop, console + TensorBoard metrics per nested dim and a progress bar.
@@ -26,10 +26,13 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from mrl_jax import config_lib, export, optim, preemption, tasks
-from mrl_jax import sharding as sharding_lib
-from mrl_jax.checkpoints import Checkpointer
-from mrl_jax.metric_writers import MetricWriter, expand_per_dim
+from mrl_jax.bundle import artifact
+from mrl_jax.train import config as config_lib
+from mrl_jax.train import optim, preemption
+from mrl_jax.train import sharding as sharding_lib
+from mrl_jax.train.checkpoints import Checkpointer
+from mrl_jax.train.task import Task
+from mrl_jax.train.writers import MetricWriter, expand_per_dim
 
 
 class TrainState(train_state.TrainState):
@@ -65,14 +68,14 @@ def tree_all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def create_train_state(task: tasks.Task, rng: jax.Array, tx: optax.GradientTransformation,
+def create_train_state(task: Task, rng: jax.Array, tx: optax.GradientTransformation,
                        mesh: jax.sharding.Mesh,
                        fsdp_min_size: int = sharding_lib.DEFAULT_FSDP_MIN_SIZE) -> TrainState:
   """Initialise the state directly into its shardings under ``jit`` (never on one device).
 
   Pretrained variables (``task.pretrained_variables()``) enter as arguments, not
   as constants baked into the program. The shardings are
-  :func:`mrl_jax.sharding.state_shardings`: replicated, or split over ``"fsdp"``
+  :func:`mrl_jax.train.sharding.state_shardings`: replicated, or split over ``"fsdp"``
   for arrays of at least ``fsdp_min_size`` elements.
   """
   pretrained = task.pretrained_variables()
@@ -89,7 +92,7 @@ def create_train_state(task: tasks.Task, rng: jax.Array, tx: optax.GradientTrans
   return jax.jit(init, out_shardings=shardings)(rng, pretrained)
 
 
-def train_step(state: TrainState, batch: Any, *, task: tasks.Task,
+def train_step(state: TrainState, batch: Any, *, task: Task,
                learning_rate_fn: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on the task's loss.
 
@@ -113,7 +116,7 @@ def train_step(state: TrainState, batch: Any, *, task: tasks.Task,
   return new_state, metrics
 
 
-def jit_train_step(task: tasks.Task, schedule: optax.Schedule, mesh: jax.sharding.Mesh,
+def jit_train_step(task: Task, schedule: optax.Schedule, mesh: jax.sharding.Mesh,
                    state_sharding: Any) -> Callable:
   """:func:`train_step` jitted over ``mesh``; donates the state.
 
@@ -155,25 +158,26 @@ def _warn_if_data_order_changed(stored: dict | None, now: dict, directory: str) 
 class Experiment:
   """The run of any task: mesh, task, optimiser, state, checkpoints.
 
-  ``Experiment(config, workdir)`` validates ``config``, builds the task named
-  by ``config.task`` and restores the latest checkpoint in ``workdir/checkpoints``
-  when there is one (onto this run's mesh, whatever mesh saved it);
-  :meth:`train` then runs the loop from that step and :meth:`export` writes
-  the encoder bundle.
+  ``Experiment(config, workdir, task)`` validates ``config``, builds ``task``
+  (the :class:`~mrl_jax.train.task.Task` class that ``config.task`` names; the loop
+  never looks tasks up: :func:`mrl_jax.experiments.create` does) and restores the
+  latest checkpoint in ``workdir/checkpoints`` when there is one (onto this run's
+  mesh, whatever mesh saved it); :meth:`train` then runs the loop from that step
+  and :meth:`export` writes the encoder bundle.
 
   Raises:
     ValueError: the config is invalid (naming the field).
     WorkdirAheadError: the workdir is already past ``num_train_steps``.
-    mrl_jax.checkpoints.CheckpointError: a checkpoint that cannot be used.
+    mrl_jax.train.checkpoints.CheckpointError: a checkpoint that cannot be used.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: type[Task]):
     if not workdir:
       raise ValueError("workdir must be a non-empty path")
     self.mesh = sharding_lib.make_mesh(config.get("mesh_shape"))
-    self.config = config = config_lib.validate_config(config, num_devices=self.mesh.size)
+    self.config = config = config_lib.validate_config(config, task, num_devices=self.mesh.size)
     self.workdir = os.path.abspath(workdir)
-    self.task = tasks.get_task(config.task)(config, workdir=self.workdir, mesh=self.mesh)
+    self.task = task(config, workdir=self.workdir, mesh=self.mesh)
     self.dims = self.task.dims
     self.total_steps, _ = optim.total_and_warmup_steps(config, self.task.steps_per_epoch)
     self.schedule = optim.learning_rate_schedule(config, self.task.steps_per_epoch)
@@ -233,7 +237,7 @@ class Experiment:
       NonFiniteLossError: naming the first step whose loss or state was NaN/inf;
         no checkpoint is written from that step on, so the newest checkpoint is
         the last one with finite parameters.
-      mrl_jax.preemption.Preempted: after a preemption notice, once the
+      mrl_jax.train.preemption.Preempted: after a preemption notice, once the
         checkpoint of the current step is written.
     """
     config, main = self.config, jax.process_index() == 0
@@ -312,7 +316,7 @@ class Experiment:
 
     The bundle is written beside ``out_dir`` and swapped in atomically, so the
     previous export stays complete until the new one is (see
-    :func:`mrl_jax.export.write_atomically`). Call on every process.
+    :func:`mrl_jax.bundle.artifact.write_atomically`). Call on every process.
 
     Returns:
       ``out_dir`` (default ``workdir/encoder``).
@@ -328,8 +332,8 @@ class Experiment:
       raise FileNotFoundError(f"no complete checkpoint to export in {self.checkpointer.directory}")
     if step != self.step:
       self.state = self.checkpointer.restore(step, self.state)
-    variables = jax.tree.map(export.to_numpy, self.state.variables)
-    export.write_atomically(out_dir,
+    variables = jax.tree.map(artifact.to_numpy, self.state.variables)
+    artifact.write_atomically(out_dir,
                             lambda tmp: self.task.export(variables, tmp, step=step))
     return out_dir
 
@@ -337,15 +341,15 @@ class Experiment:
     self.checkpointer.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: type[Task], *,
                        progress: bool = True, export_dir: str | None = None) -> dict[str, Any]:
-  """Train any task's ``config`` in ``workdir`` (resuming), evaluate, export the encoder.
+  """Train ``task`` on ``config`` in ``workdir`` (resuming), evaluate, export the encoder.
 
   Returns:
     The :meth:`Experiment.train` result plus ``"export_dir"`` (``workdir/encoder``
     unless ``export_dir`` is given; ``""`` skips the export).
   """
-  experiment = Experiment(config, workdir)
+  experiment = Experiment(config, workdir, task)
   try:
     result = experiment.train(progress=progress)
     if export_dir != "":

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.stats
 
-from mrl_jax.nesting import Nesting
+from mrl_jax.core.nesting import Nesting
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:

@@ -46,7 +46,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-import mrl_jax
+from mrl_jax.core.version import __version__
 
 # Config fields that decide the structure and shapes in a checkpoint; resuming with any of
 # them changed cannot work, so it is refused up front.
@@ -116,7 +116,7 @@ class Checkpointer:
     if best_mode not in BEST_MODES:
       raise ValueError(f"best_mode={best_mode!r}; choose one of {BEST_MODES}")
     self.directory = os.path.abspath(os.fspath(directory))
-    self.metadata = {**(metadata or {}), "mrl_jax_version": mrl_jax.__version__}
+    self.metadata = {**(metadata or {}), "mrl_jax_version": __version__}
     self.best_metric = best_metric
     self.best_mode = best_mode
     self.checksums = bool(checksums)

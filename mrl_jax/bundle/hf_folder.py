@@ -26,7 +26,7 @@ and vLLM read). vLLM accepts a ``dimensions`` request only for a config with
 
 Everything is data: JSON and safetensors, never a pickle; reading a folder runs
 no code from it. :func:`read_sentence_transformer` validates a folder from
-outside and raises :class:`~mrl_jax.fileio.BundleError` naming the bad file.
+outside and raises :class:`~mrl_jax.core.fileio.BundleError` naming the bad file.
 """
 
 from __future__ import annotations
@@ -43,19 +43,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax import fileio
-from mrl_jax.data.text import TextTokenizer
-from mrl_jax.fileio import BundleError
+from mrl_jax.core import fileio
+from mrl_jax.core.fileio import BundleError
+from mrl_jax.core.nesting import Nesting
+from mrl_jax.core.version import __version__
 from mrl_jax.models.text import (
-    _EMBEDDING_PARTS,
-    _LAYER_PARTS,
-    POOLINGS,
-    BertConfig,
-    HFBert,
-    TextEncoder,
-    load_hf_bert,
+  _EMBEDDING_PARTS,
+  _LAYER_PARTS,
+  POOLINGS,
+  BertConfig,
+  HFBert,
+  TextEncoder,
+  load_hf_bert,
 )
-from mrl_jax.nesting import Nesting
+from mrl_jax.tokenizer import TextTokenizer
 
 # The oldest sentence-transformers release that reads every field written here
 # (``similarity_fn_name`` arrived in 3.0; ``truncate_dim`` in 2.7). It goes in
@@ -297,7 +298,7 @@ def save_sentence_transformer(
 
   The folder is written into a sibling ``<out_dir>.tmp-XXXXXXXX``, validated
   with :func:`read_sentence_transformer`, then swapped into place with
-  :func:`mrl_jax.fileio.atomic_replace_dir`: a reader never sees a partial
+  :func:`mrl_jax.core.fileio.atomic_replace_dir`: a reader never sees a partial
   folder and an existing folder is replaced only by a complete one. Writes from
   the calling process only (call it on one host).
 
@@ -312,7 +313,7 @@ def save_sentence_transformer(
     out_dir: destination folder.
     params: the ``params`` collection of ``TextEncoder(config)``.
     config: the encoder's :class:`BertConfig`.
-    tokenizer: a :class:`~mrl_jax.data.text.TextTokenizer` or a
+    tokenizer: a :class:`~mrl_jax.tokenizer.TextTokenizer` or a
       ``tokenizers.Tokenizer`` with BERT's ``[CLS] [SEP] [PAD] [UNK]`` tokens
       and at most ``config.vocab_size`` ids; saved as ``tokenizer.json`` (with
       no padding and truncation at ``max_seq_length``), plus ``vocab.txt`` and
@@ -321,7 +322,7 @@ def save_sentence_transformer(
     max_seq_length: longest token sequence (special tokens included), in
       ``[2, config.max_position_embeddings]``.
     matryoshka_dimensions: the trained nesting dims, strictly increasing, at
-      most ``config.hidden_size`` (as :class:`mrl_jax.nesting.Nesting`);
+      most ``config.hidden_size`` (as :class:`mrl_jax.core.nesting.Nesting`);
       written to ``config.json`` with ``is_matryoshka: true``. An empty
       sequence writes ``is_matryoshka: false`` (a model not trained with MRL).
     normalize: end the pipeline with sentence-transformers' ``Normalize``
@@ -424,9 +425,7 @@ def save_sentence_transformer(
 
 
 def _mrl_jax_version() -> str:
-  import mrl_jax
-
-  return str(getattr(mrl_jax, "__version__", "unknown"))
+  return __version__
 
 
 # --- reading and validating ------------------------------------------------------

@@ -1,7 +1,7 @@
 """Evaluate an EXPORTED encoder at every nested dim (no optimizer, no train step).
 
 ``python -m mrl_jax.evaluate --encoder PATH`` (or ``--workdir DIR``, meaning
-``DIR/encoder``) loads the bundle with :class:`~mrl_jax.inference.Encoder` and
+``DIR/encoder``) loads the bundle with :class:`~mrl_jax.bundle.encoder.Encoder` and
 reads the data it was trained on (named in the bundle):
 
 * image bundles: embeds the train and test splits and hands them, with the
@@ -21,31 +21,16 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mrl_jax.bundle.encoder import Encoder
+from mrl_jax.data import text as text_data
 from mrl_jax.evaluate.report import evaluate_nested
 from mrl_jax.evaluate.text import evaluate_text
-from mrl_jax.inference import Encoder
-
-
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (``DIR/config.json``, written by the loop).
-
-  Raises:
-    FileNotFoundError: ``workdir`` has no ``config.json``.
-    ValueError: the file is not valid UTF-8 JSON (naming it).
-  """
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir") from None
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def image_splits(encoder: Encoder) -> dict[str, dict[str, np.ndarray]]:
   """``{split: {"embedding" [N, D] (raw), "logits" [M, N, C], "label" [N]}}`` for the
   train and eval splits named in an image bundle, through the bundle's own encoder."""
+  # TensorFlow (the images extra): imported only for image bundles.
   from mrl_jax.data import images, pipeline
 
   data = encoder.config["data"]
@@ -89,9 +74,9 @@ def evaluate_encoder(path: str, *, out_dir: str | None = None, **kwargs: Any) ->
         test_logits=test["logits"], out_dir=out_dir,
         model_name={"mrl": "MRL", "mrl_e": "MRL-E"}.get(head, "FF"), **kwargs)
   if encoder.modality == "text":
-    from mrl_jax.tasks.pairs import eval_data
-
-    scored, pairs = eval_data(ml_collections.ConfigDict(encoder.metadata["training_config"]))
+    training = encoder.metadata["training_config"]
+    scored, pairs = text_data.eval_data(training.get("eval_file"),
+                                        training.get("eval_pairs_file"))
     embed = lambda texts: encoder.embed(list(texts), normalize=False)
     metrics = evaluate_text(embed, encoder.dims, scored=scored, pairs=pairs)
     result = {"dims": list(encoder.dims), **{k: np.asarray(v).tolist()
@@ -102,16 +87,3 @@ def evaluate_encoder(path: str, *, out_dir: str | None = None, **kwargs: Any) ->
       json.dump(result, f, indent=1)
     return result
   raise ValueError(f"evaluate_encoder: {encoder.modality} bundles are evaluated by their task")
-
-
-def evaluate_workdir(workdir: str, **kwargs: Any) -> dict:
-  """:func:`evaluate_encoder` of ``workdir/encoder`` (written at the end of training).
-
-  Raises:
-    FileNotFoundError: the workdir has no exported encoder.
-  """
-  path = os.path.join(workdir, "encoder")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no exported encoder at {path}: train (train.py exports at the "
-                            "end) or run mrl_jax.export.export_encoder first")
-  return evaluate_encoder(path, **kwargs)

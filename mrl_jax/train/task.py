@@ -1,7 +1,7 @@
 """The task protocol: what one training loop needs from a task.
 
 A task (classification, text pairs, adaptor, ...) owns its data, model, loss,
-evaluation and export; :mod:`mrl_jax.train_lib` owns everything else (mesh,
+evaluation and export; :mod:`mrl_jax.train.loop` owns everything else (mesh,
 train state, the jitted step, checkpoints, preemption, metrics, the NaN stop).
 This is the split of scenic's trainers and big_vision's evaluators: the loop
 never looks inside a batch, and an evaluator sees only the variables.
@@ -25,7 +25,7 @@ Batch = dict[str, Any]  # a pytree of host-local numpy arrays with a leading bat
 
 
 class Task(abc.ABC):
-  """One kind of training run, as a plugin of :class:`mrl_jax.train_lib.Experiment`.
+  """One kind of training run, as a plugin of :class:`mrl_jax.train.loop.Experiment`.
 
   Construction gets the VALIDATED config (see :meth:`validate`), the run's
   workdir (for assets a resume must reuse, e.g. a vocabulary) and the mesh.
@@ -53,7 +53,7 @@ class Task(abc.ABC):
   def validate(cls, config: ml_collections.ConfigDict) -> None:
     """Check the task's own fields of a mutable config and fill derived ones in place.
 
-    Called by :func:`mrl_jax.config_lib.validate_config` after the shared fields
+    Called by :func:`mrl_jax.train.config.validate_config` after the shared fields
     are checked; must set ``config.encoder.embed_dim`` and ``config.nesting.dims``
     / ``weights`` when they are derived.
 
@@ -121,7 +121,7 @@ class Task(abc.ABC):
     """Write the inference bundle of ``variables`` into the NEW folder ``out_dir`` (process 0).
 
     The loop writes into a temporary folder and swaps it into place
-    atomically (:func:`mrl_jax.export.write_atomically`).
+    atomically (:func:`mrl_jax.bundle.artifact.write_atomically`).
     """
 
   def checkpoint_metadata(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True) -> ja
   A NaN would quantise to an all-zero code (and an inf to a saturated one), a
   valid-looking but meaningless vector: called on a concrete array, rows with
   a NaN or inf are refused; under ``jit`` the values cannot be inspected, so
-  check the inputs first (as :meth:`mrl_jax.inference.Encoder.embed` does).
+  check the inputs first (as :meth:`mrl_jax.bundle.encoder.Encoder.embed` does).
   ``check_finite=False`` is for callers that have checked already.
 
   Raises:

@@ -5,7 +5,7 @@
   extra weights.
 * :class:`MRLHead` with ``tied=True`` (MRL-E): one kernel ``W [D, C]`` and one
   bias ``b``; ``logits_m = z[:, :m] @ W[:m] + b``, all of them computed with one
-  blocked matmul and a cumulative sum (:mod:`mrl_jax.prefix_matmul`).
+  blocked matmul and a cumulative sum (:mod:`mrl_jax.core.prefix_matmul`).
 * :class:`FixedFeatureHead` (FF-k): an ordinary classifier that reads only
   ``z[:, :k]``; with ``k = D`` it is the ordinary (non-nested) model's head.
 """
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax.nesting import Nesting
-from mrl_jax.prefix_matmul import prefix_matmul
+from mrl_jax.core.nesting import Nesting
+from mrl_jax.core.prefix_matmul import prefix_matmul
 
 Dtype = Any
 
@@ -57,7 +57,7 @@ class MRLHead(nn.Module):
   Attributes:
     num_classes: ``C``.
     dims: distinct prefix sizes ``<= D``, in any order; the logits follow their
-      ascending order (validated by :class:`~mrl_jax.nesting.Nesting`).
+      ascending order (validated by :class:`~mrl_jax.core.nesting.Nesting`).
     tied: ``False`` for MRL (a classifier per size), ``True`` for MRL-E (one
       weight-tied classifier, one shared bias).
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.

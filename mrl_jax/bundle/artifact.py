@@ -1,7 +1,7 @@
 """The ONE exported artifact: a Hugging Face-style folder of safetensors + JSON, never a pickle.
 
 Every task exports its encoder at the end of training to ``WORKDIR/encoder``;
-:class:`mrl_jax.inference.Encoder` loads any of them. The folder holds:
+:class:`mrl_jax.bundle.encoder.Encoder` loads any of them. The folder holds:
 
   config.json         the model config. Text: the Hugging Face BERT config, so the
                       folder IS a sentence-transformers model (with modules.json,
@@ -32,8 +32,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-import mrl_jax
-from mrl_jax import fileio
+from mrl_jax.core import fileio
+from mrl_jax.core.version import __version__
 
 FORMAT = "mrl_jax.encoder"
 FORMAT_VERSION = 2
@@ -56,7 +56,7 @@ def to_numpy(x: Any) -> np.ndarray:
 def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
   """Run ``write(tmp_dir)`` into a fresh folder beside ``out_dir``, then swap it into place.
 
-  Process 0 writes; the others wait. The swap is :func:`mrl_jax.fileio.atomic_replace_dir`
+  Process 0 writes; the others wait. The swap is :func:`mrl_jax.core.fileio.atomic_replace_dir`
   (one atomic exchange where the OS has it, else rename aside / rename in / delete), so at
   every moment ``out_dir`` (or its ``.old-*`` twin) is a complete bundle and a crash
   never leaves a partial one; Orbax commits checkpoints the same way.
@@ -148,7 +148,7 @@ def write_metadata(out_dir: str, *, modality: str, dims: list[int], weights: lis
       path = os.path.join(root, name)
       files[os.path.relpath(path, out_dir)] = sha256_file(path)
   metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
-              "mrl_jax_version": mrl_jax.__version__, "modality": modality, "task": task,
+              "mrl_jax_version": __version__, "modality": modality, "task": task,
               "is_matryoshka": bool(is_matryoshka),
               "matryoshka_dimensions": [int(m) for m in dims],
               "matryoshka_weights": [float(w) for w in weights],
@@ -230,23 +230,3 @@ def check_tree(stored: Mapping[str, Any], expected: Mapping[str, Any], where: st
   if problems:
     raise BundleError(f"{where}: the arrays do not match the model config: "
                       + "; ".join(problems[:5]))
-
-
-def export_encoder(workdir: str, out_dir: str | None = None, *, step: int | None = None) -> str:
-  """Export the encoder of a training workdir (any task) to ``out_dir`` (default ``encoder/``).
-
-  Rebuilds the run from ``workdir/config.json`` and its checkpoints (no
-  training), then :meth:`mrl_jax.train_lib.Experiment.export`: the best step
-  when the run kept one by ``best_metric``, else the latest (or ``step``).
-
-  Raises:
-    FileNotFoundError: ``workdir`` has no ``config.json`` or no checkpoint.
-  """
-  from mrl_jax import train_lib
-  from mrl_jax.evaluate.workdir import load_workdir_config
-
-  experiment = train_lib.Experiment(load_workdir_config(workdir), workdir)
-  try:
-    return experiment.export(out_dir, step=step)
-  finally:
-    experiment.close()

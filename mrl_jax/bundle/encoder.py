@@ -9,7 +9,7 @@
   t = text_encoder.embed(["a query", "a doc"], dim=64)   # text bundles take strings
 
 Each call runs one jitted forward, truncates the embedding to ``dim`` and THEN
-L2-normalises it (:func:`mrl_jax.ops.truncate_normalize`). Batches of any size
+L2-normalises it (:func:`mrl_jax.core.ops.truncate_normalize`). Batches of any size
 are padded to one of a few fixed sizes (and texts to a few lengths), so the
 number of compiled programs does not grow with the inputs seen. A text bundle
 is a sentence-transformers folder: ``SentenceTransformer(path, truncate_dim=m)``
@@ -29,10 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax import export as export_lib
-from mrl_jax import ops
-from mrl_jax.export import BundleError
-from mrl_jax.nesting import Nesting
+from mrl_jax import models
+from mrl_jax.bundle import artifact as export_lib
+from mrl_jax.bundle.artifact import BundleError
+from mrl_jax.bundle.hf_folder import load_sentence_transformer
+from mrl_jax.core import ops
+from mrl_jax.core.heads import FixedFeatureHead, MRLHead
+from mrl_jax.core.nesting import Nesting
+from mrl_jax.models.adaptor import MatryoshkaAdaptor
+from mrl_jax.models.text import TextEncoder
 
 # Padded batch sizes: a batch of n rows runs in chunks of the largest size, the
 # last chunk padded up to the smallest size that holds it.
@@ -229,7 +234,7 @@ class Encoder:
         Any ``B``, including 0.
       dim: a trained nesting dim (default: the largest); any size up to
         ``embed_dim`` with ``allow_any_dim=True`` (Matryoshka models only).
-      quantize: ``None``, ``"int8"`` or ``"binary"`` (:func:`mrl_jax.ops.quantize`).
+      quantize: ``None``, ``"int8"`` or ``"binary"`` (:func:`mrl_jax.core.ops.quantize`).
       normalize: L2-normalise each truncated row.
       layers: text only: run the first ``layers`` Transformer layers (a model
         trained with 2-D Matryoshka).
@@ -387,9 +392,6 @@ def _validate_common(config: dict, metadata: dict, path: str, embed_dim: int) ->
 
 
 def _load_image(path: str, config: dict, metadata: dict) -> dict[str, Any]:
-  from mrl_jax import models
-  from mrl_jax.heads import FixedFeatureHead, MRLHead
-
   embed_dim = int(config["embed_dim"])
   _validate_common(config, metadata, path, embed_dim)
   shape = tuple(config["input"]["shape"])
@@ -433,9 +435,6 @@ def _load_image(path: str, config: dict, metadata: dict) -> dict[str, Any]:
 
 
 def _load_text(path: str, config: dict, metadata: dict) -> dict[str, Any]:
-  from mrl_jax.models.hf_bert import load_sentence_transformer
-  from mrl_jax.models.text import TextEncoder
-
   try:
     bert, _ = load_sentence_transformer(path)
   except BundleError:
@@ -462,8 +461,6 @@ def _load_text(path: str, config: dict, metadata: dict) -> dict[str, Any]:
 
 
 def _load_embedding(path: str, config: dict, metadata: dict) -> dict[str, Any]:
-  from mrl_jax.models.adaptor import MatryoshkaAdaptor
-
   embed_dim = int(config["embed_dim"])
   _validate_common(config, metadata, path, embed_dim)
   if list(config["input"]["shape"]) != [embed_dim]:

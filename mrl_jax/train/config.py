@@ -14,12 +14,15 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mrl_jax.nesting import Nesting, default_dims
+from mrl_jax.core.nesting import Nesting, default_dims
+
+if TYPE_CHECKING:
+  from mrl_jax.train.task import Task
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("warmup_linear", "warmup_cosine", "constant")
@@ -42,7 +45,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       dict(dims=placeholder(tuple), start=8, weights=placeholder(tuple)))
   config.half_precision = False
 
-  # Optimisation (mrl_jax.optim).
+  # Optimisation (mrl_jax.train.optim).
   config.optimizer = "adamw"
   config.learning_rate = 1e-3  # peak
   config.learning_rate_batch_size = placeholder(int)  # if set, lr scales by batch_size / this
@@ -55,7 +58,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   config.num_train_steps = placeholder(int)
   config.num_epochs = placeholder(float)  # alternative to num_train_steps
 
-  # Scale-out (mrl_jax.sharding): a ("data", "fsdp") mesh; -1 takes the remaining devices.
+  # Scale-out (mrl_jax.train.sharding): a ("data", "fsdp") mesh; -1 takes the remaining devices.
   config.mesh_shape = (-1, 1)  # data parallel; e.g. (2, 4) also splits large arrays over 4
   config.fsdp_min_size = 2**16  # with fsdp > 1: arrays of at least this many elements are split
 
@@ -112,7 +115,7 @@ def load_config_file(path: str, **overrides: Any) -> ml_collections.ConfigDict:
   return config
 
 
-def validate_config(config: ml_collections.ConfigDict,
+def validate_config(config: ml_collections.ConfigDict, task: type[Task],
                     num_devices: int | None = None) -> ml_collections.ConfigDict:
   """Check ``config`` and return a locked copy with derived fields filled in.
 
@@ -121,18 +124,17 @@ def validate_config(config: ml_collections.ConfigDict,
 
   Args:
     config: a config from one of the ``configs/*.py`` files.
+    task: the :class:`~mrl_jax.train.task.Task` class that ``config.task`` names
+      (the caller looks it up: :func:`mrl_jax.experiments.validate_config`).
     num_devices: number of devices in the mesh; the global batch must divide
       evenly over them.
 
   Raises:
     ValueError: naming the offending field and value (``config.NAME=value``).
   """
-  from mrl_jax import tasks  # tasks import this module
-
   config = ml_collections.ConfigDict(config.to_dict())  # a mutable copy
-  if "task" not in config:
-    raise ValueError(f"config.task is missing; choose one of {tasks.task_names()}")
-  task = tasks.get_task(config.task)
+  if config.get("task") != task.name:
+    raise ValueError(f"config.task={config.get('task')!r} but the task given is {task.name!r}")
   _check_shared(config, num_devices)
   task.validate(config)
   if config.encoder.get("embed_dim") is None:

@@ -1,0 +1,3 @@
+"""The package version, recorded in every bundle and checkpoint (below every layer)."""
+
+__version__ = "0.1.0"
