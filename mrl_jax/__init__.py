@@ -28,7 +28,7 @@ _API = {
     "Task": "mrl_jax.tasks", "register": "mrl_jax.tasks",
     "Experiment": "mrl_jax.train.loop", "train_and_evaluate": "mrl_jax.experiments",
     "load_config_file": "mrl_jax.train.config", "base_config": "mrl_jax.train.config",
-    "validate_config": "mrl_jax.experiments", "evaluate_workdir": "mrl_jax.experiments",
+    "validate_config": "mrl_jax.experiments", "evaluate_workdir": "mrl_jax.evaluate.encoder",
     "Encoder": "mrl_jax.bundle.encoder", "export_encoder": "mrl_jax.experiments",
     "evaluate_nested": "mrl_jax.evaluate.report", "evaluate_encoder": "mrl_jax.evaluate.encoder",
     "adaptive_retrieval": "mrl_jax.evaluate.retrieval",

@@ -41,9 +41,9 @@ from mrl_jax.bundle import artifact
 from mrl_jax.bundle.encoder import Encoder
 from mrl_jax.data.text import read_text_pairs
 from mrl_jax.evaluate import plots, probe
+from mrl_jax.evaluate.encoder import evaluate_workdir
 from mrl_jax.evaluate.report import format_table as format_evaluation
 from mrl_jax.evaluate.text import pair_retrieval_per_dim
-from mrl_jax.experiments import evaluate_workdir
 from mrl_jax.train import loop, optim, sharding
 
 ROWS = (("mrl", "MRL"), ("mrl_e", "MRL-E"), ("ff", "FF-k"), ("truncated", "ordinary, truncated"))

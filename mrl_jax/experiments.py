@@ -1,14 +1,11 @@
 """Training runs by name: ``config.task`` looked up in the task registry, handed to the loop.
 
 The layer above the tasks (and so above the loop, which never looks a task up):
-what ``train.py``, the demo and ``python -m mrl_jax.evaluate --workdir`` do to a
-training workdir.
+what ``train.py`` and the demo do to a training workdir.
 
 * :func:`create` / :func:`train_and_evaluate`: the registered task of ``config.task``
   run by :class:`mrl_jax.train.loop.Experiment`.
 * :func:`export_encoder`: a workdir's checkpoint exported as a bundle (no training).
-* :func:`evaluate_workdir`: :func:`mrl_jax.evaluate.encoder.evaluate_encoder` of
-  ``WORKDIR/encoder``.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ import ml_collections
 
 from mrl_jax import tasks
 from mrl_jax.core import fileio
-from mrl_jax.evaluate.encoder import evaluate_encoder
 from mrl_jax.train import config as config_lib
 from mrl_jax.train.loop import Experiment
 from mrl_jax.train.loop import train_and_evaluate as _train_task
@@ -88,16 +84,3 @@ def export_encoder(workdir: str, out_dir: str | None = None, *, step: int | None
     return experiment.export(out_dir, step=step)
   finally:
     experiment.close()
-
-
-def evaluate_workdir(workdir: str, **kwargs: Any) -> dict:
-  """:func:`~mrl_jax.evaluate.encoder.evaluate_encoder` of ``workdir/encoder``.
-
-  Raises:
-    FileNotFoundError: the workdir has no exported encoder.
-  """
-  path = os.path.join(workdir, "encoder")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no exported encoder at {path}: train (train.py exports at the "
-                            "end) or run mrl_jax.experiments.export_encoder first")
-  return evaluate_encoder(path, **kwargs)

@@ -8,9 +8,8 @@ import pytest
 from conftest import REPO, tiny_config
 
 from mrl_jax import experiments
-from mrl_jax.evaluate.encoder import evaluate_encoder
+from mrl_jax.evaluate.encoder import evaluate_encoder, evaluate_workdir
 from mrl_jax.evaluate.report import evaluate_nested
-from mrl_jax.experiments import evaluate_workdir
 
 
 def test_evaluation_reads_the_exported_encoder_and_matches_the_training_model(digits_dir,

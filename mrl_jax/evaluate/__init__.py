@@ -18,7 +18,7 @@ from mrl_jax.evaluate.classification import (
     top_k_accuracy,
 )
 from mrl_jax.evaluate.codes import hamming_search, int8_search, quantize_embeddings
-from mrl_jax.evaluate.encoder import evaluate_encoder
+from mrl_jax.evaluate.encoder import evaluate_encoder, evaluate_workdir
 from mrl_jax.evaluate.index import PrefixIndex, normalize_prefix
 from mrl_jax.evaluate.metrics import (
     average_precision_at_k,
@@ -46,7 +46,7 @@ __all__ = [
     "PrefixIndex", "RetrievalResult", "adaptive_retrieval", "average_precision_at_k",
     "cascade_flops", "cascade_predict", "cascade_report", "cascade_retrieval", "confidences",
     "count_relevant", "default_funnel", "evaluate_encoder", "evaluate_nested",
-    "evaluate_text", "exact_search", "format_table", "hamming_search",
+    "evaluate_text", "evaluate_workdir", "exact_search", "format_table", "hamming_search",
     "int8_search", "overlap_at_k", "pair_retrieval_per_dim", "quantize_embeddings",
     "funnel_retrieval", "map_at_k", "nearest_neighbor_accuracy", "normalize_prefix",
     "one_nn_accuracy", "per_dim_accuracy", "precision_at_k", "recall_at_k", "relevance",

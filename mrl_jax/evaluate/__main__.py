@@ -4,9 +4,8 @@ import argparse
 import sys
 
 from mrl_jax.bundle.artifact import BundleError
-from mrl_jax.evaluate.encoder import evaluate_encoder
+from mrl_jax.evaluate.encoder import evaluate_encoder, evaluate_workdir
 from mrl_jax.evaluate.report import format_table
-from mrl_jax.experiments import evaluate_workdir
 
 
 def main() -> None:

@@ -87,3 +87,16 @@ def evaluate_encoder(path: str, *, out_dir: str | None = None, **kwargs: Any) ->
       json.dump(result, f, indent=1)
     return result
   raise ValueError(f"evaluate_encoder: {encoder.modality} bundles are evaluated by their task")
+
+
+def evaluate_workdir(workdir: str, **kwargs: Any) -> dict:
+  """:func:`~mrl_jax.evaluate.encoder.evaluate_encoder` of ``workdir/encoder``.
+
+  Raises:
+    FileNotFoundError: the workdir has no exported encoder.
+  """
+  path = os.path.join(workdir, "encoder")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no exported encoder at {path}: train (train.py exports at the "
+                            "end) or run mrl_jax.experiments.export_encoder first")
+  return evaluate_encoder(path, **kwargs)
