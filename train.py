@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from mrl_jax import experiments
 from mrl_jax.bundle.artifact import BundleError
-from mrl_jax.train import loop
+from mrl_jax.train import loop, specs
 from mrl_jax.train.checkpoints import CheckpointError
 from mrl_jax.train.preemption import Preempted
 
@@ -42,7 +42,7 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (with --distrib
 flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
 flags.DEFINE_string("export_dir", None,
                     "Where to write the encoder at the end (default: WORKDIR/encoder; '' to "
-                    "skip). With config.best_metric the best step is exported.")
+                    "skip). With config.checkpoint.best_metric the best step is exported.")
 flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -85,6 +85,9 @@ def main(argv):
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad ``--config.FIELD`` reported in one line (exit 2)."""
   try:
+    specs.check_no_moved_fields(
+        arg.split("=", 1)[0].removeprefix("--config.") for arg in argv[1:]
+        if arg.startswith("--config.") and "." not in arg.split("=", 1)[0][len("--config."):])
     return FLAGS(argv)
   except flags.Error as e:
     problem = str(e)

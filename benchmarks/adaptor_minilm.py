@@ -211,13 +211,13 @@ def run_task(workdir: str, files: dict[str, str], args, *, supervised: bool) -> 
   config.nesting.dims = DIMS
   config.adaptor.hidden = tuple(args.hidden)
   config.adaptor.init = args.init
-  config.num_train_steps = args.steps
+  config.loop.num_train_steps = args.steps
   config.batch_size = args.batch
-  config.learning_rate = args.lr
+  config.optim.learning_rate = args.lr
   config.gap = args.gap
   config.rank_weight = args.rank_weight if supervised else 0.0
-  config.eval_every_steps = config.checkpoint_every_steps = args.steps
-  config.log_every_steps = max(1, args.steps // 4)
+  config.loop.eval_every_steps = config.checkpoint.every_steps = args.steps
+  config.loop.log_every_steps = max(1, args.steps // 4)
   return experiments.train_and_evaluate(config, workdir, progress=False)
 
 

@@ -53,6 +53,7 @@ from timing import device_line  # noqa: E402
 from configs import text_stdlib  # noqa: E402
 from mrl_jax import experiments  # noqa: E402
 from mrl_jax.data.text import read_text_pairs, tokenize_pairs  # noqa: E402
+from mrl_jax.train import config as config_lib  # noqa: E402
 from mrl_jax.train import loop, optim  # noqa: E402
 from mrl_jax.train import sharding as sharding_lib  # noqa: E402
 
@@ -68,9 +69,10 @@ def jax_step(config, mesh, *, workdir: str, nested: bool):
     config.loss, config.nesting.dims, config.nesting.weights = "matryoshka", (384,), None
   config = experiments.validate_config(config, num_devices=mesh.size)
   task = experiments.task_of(config)(config, workdir=workdir, mesh=mesh)
-  schedule = optim.learning_rate_schedule(config, task.steps_per_epoch)
-  state = loop.create_train_state(task, jax.random.PRNGKey(0),
-                                       optim.make_optimizer(config, schedule), mesh)
+  schedule = optim.learning_rate_schedule(config_lib.spec_of(config), task.steps_per_epoch)
+  state = loop.create_train_state(
+      task, jax.random.PRNGKey(0), optim.make_optimizer(config_lib.spec_of(config).optim, schedule),
+      mesh)
   step = loop.jit_train_step(task, schedule, mesh, jax.tree.map(lambda x: x.sharding, state))
   return step, state, task
 
@@ -130,8 +132,8 @@ def main() -> None:
       tick = time.perf_counter()
       worker = subprocess.Popen(
           [python, os.path.join(REPO, "benchmarks", "text_step_torch.py"), "--model", model_dir,
-           "--batch", npz, "--dims", dims, "--learning_rate", str(config.learning_rate),
-           "--weight_decay", str(config.weight_decay)],
+           "--batch", npz, "--dims", dims, "--learning_rate", str(config.optim.learning_rate),
+           "--weight_decay", str(config.optim.weight_decay)],
           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
       ready = json.loads(worker.stdout.readline())
       for name in ("st_matryoshka", "st_mnrl"):

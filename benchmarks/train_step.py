@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import imagenet_resnet50  # noqa: E402
 from mrl_jax import experiments  # noqa: E402
 from mrl_jax.tasks.classification import ClassificationTask  # noqa: E402
+from mrl_jax.train import config as config_lib  # noqa: E402
 from mrl_jax.train import loop, optim  # noqa: E402
 from mrl_jax.train import sharding as sharding_lib  # noqa: E402
 
@@ -47,9 +48,10 @@ def build_step(head: str, args: argparse.Namespace, mesh: jax.sharding.Mesh):
   config = experiments.validate_config(config, num_devices=mesh.size)
   task = ClassificationTask.without_data(config, mesh=mesh, num_classes=NUM_CLASSES,
                                         input_shape=(args.image_size, args.image_size, 3))
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch=1251)
-  state = loop.create_train_state(task, jax.random.PRNGKey(0),
-                                       optim.make_optimizer(config, schedule), mesh)
+  schedule = optim.learning_rate_schedule(config_lib.spec_of(config), steps_per_epoch=1251)
+  state = loop.create_train_state(
+      task, jax.random.PRNGKey(0), optim.make_optimizer(config_lib.spec_of(config).optim, schedule),
+      mesh)
   step = loop.jit_train_step(task, schedule, mesh, jax.tree.map(lambda x: x.sharding, state))
   return step, state
 

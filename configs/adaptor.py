@@ -57,15 +57,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.gap = "squared"  # "abs": the paper's |S - S_m|; "squared" measured better on MiniLM
 
   # Optimisation.
-  config.learning_rate = 3e-4  # small: stay near the PCA start (3e-3 overfit 1,754 rows)
-  config.weight_decay = 0.0
-  config.schedule = "warmup_cosine"
-  config.warmup_steps = 20
+  config.optim.learning_rate = 3e-4  # small: stay near the PCA start (3e-3 overfit 1,754 rows)
+  config.optim.weight_decay = 0.0
+  config.optim.schedule = "warmup_cosine"
+  config.optim.warmup_steps = 20
   config.batch_size = 256
-  config.num_train_steps = 1000
+  config.loop.num_train_steps = 1000
 
   # Bookkeeping.
-  config.log_every_steps = 100
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 500
+  config.loop.log_every_steps = 100
+  config.loop.eval_every_steps = 500
+  config.checkpoint.every_steps = 500
   return config

@@ -26,13 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.encoder.embed_dim = 512
   config.encoder.depth = 18
   config.encoder.stem = "cifar"
-  config.learning_rate = 0.1
-  config.learning_rate_batch_size = 128
+  config.optim.learning_rate = 0.1
+  config.optim.learning_rate_batch_size = 128
   config.batch_size = 512
-  config.weight_decay = 5e-4
-  config.schedule = "warmup_cosine"
-  config.warmup_epochs = 5.0
-  config.num_epochs = 200.0
-  config.eval_every_steps = 10 * 97  # 97 steps per epoch at batch 512
-  config.checkpoint_every_steps = 10 * 97
+  config.optim.weight_decay = 5e-4
+  config.optim.schedule = "warmup_cosine"
+  config.optim.warmup_epochs = 5.0
+  config.loop.num_epochs = 200.0
+  config.loop.eval_every_steps = 10 * 97  # 97 steps per epoch at batch 512
+  config.checkpoint.every_steps = 10 * 97
   return config

@@ -34,14 +34,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.1  # as in the paper's recipe
 
   # Optimisation.
-  config.learning_rate = 3e-3  # peak
-  config.schedule = "warmup_cosine"
-  config.warmup_steps = 100
+  config.optim.learning_rate = 3e-3  # peak
+  config.optim.schedule = "warmup_cosine"
+  config.optim.warmup_steps = 100
   config.batch_size = 128
-  config.num_train_steps = 2000
+  config.loop.num_train_steps = 2000
 
   # Bookkeeping.
-  config.log_every_steps = 100
-  config.eval_every_steps = 1000
-  config.checkpoint_every_steps = 1000
+  config.loop.log_every_steps = 100
+  config.loop.eval_every_steps = 1000
+  config.checkpoint.every_steps = 1000
   return config

@@ -53,21 +53,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.half_precision = True
 
   # Optimisation.
-  config.optimizer = "sgd"
-  config.momentum = 0.9
-  config.weight_decay = 1e-4
-  config.learning_rate = 0.425
-  config.learning_rate_batch_size = 1024
-  config.schedule = "warmup_linear"
-  config.warmup_epochs = 2.0
+  config.optim.optimizer = "sgd"
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 1e-4
+  config.optim.learning_rate = 0.425
+  config.optim.learning_rate_batch_size = 1024
+  config.optim.schedule = "warmup_linear"
+  config.optim.warmup_epochs = 2.0
   config.label_smoothing = 0.1
   config.batch_size = 1024
-  config.num_train_steps = None
-  config.num_epochs = 40.0
+  config.loop.num_train_steps = None
+  config.loop.num_epochs = 40.0
 
   # Bookkeeping (1,251 steps per epoch at batch 1024).
-  config.log_every_steps = 100
-  config.eval_every_steps = 5 * 1251
-  config.checkpoint_every_steps = 1251
-  config.max_to_keep = 3
+  config.loop.log_every_steps = 100
+  config.loop.eval_every_steps = 5 * 1251
+  config.checkpoint.every_steps = 1251
+  config.checkpoint.max_to_keep = 3
   return config

@@ -24,12 +24,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.encoder = ml_collections.ConfigDict(dict(
       name="vit", embed_dim=768, patch_size=16, num_layers=12, num_heads=12, mlp_dim=3072,
       dropout_rate=0.0, pool="cls"))
-  config.optimizer = "adamw"
-  config.learning_rate = 5e-4
-  config.learning_rate_batch_size = 512
-  config.weight_decay = 0.05
-  config.schedule = "warmup_cosine"
-  config.warmup_epochs = 5.0
-  config.num_epochs = 300.0
-  config.eval_every_steps = 10 * 1251
+  config.optim.optimizer = "adamw"
+  config.optim.learning_rate = 5e-4
+  config.optim.learning_rate_batch_size = 512
+  config.optim.weight_decay = 0.05
+  config.optim.schedule = "warmup_cosine"
+  config.optim.warmup_epochs = 5.0
+  config.loop.num_epochs = 300.0
+  config.loop.eval_every_steps = 10 * 1251
   return config

@@ -48,19 +48,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.n_layers_per_step = 1  # "2d" only
 
   # Optimisation.
-  config.learning_rate = 1e-3
-  config.weight_decay = 0.01
-  config.schedule = "warmup_linear"
-  config.warmup_steps = 10
+  config.optim.learning_rate = 1e-3
+  config.optim.weight_decay = 0.01
+  config.optim.schedule = "warmup_linear"
+  config.optim.warmup_steps = 10
   config.batch_size = 16  # global; contrastive training wants it large: see mini_batch_size
   # GradCache: embed the batch in chunks of this many rows (None: all at once); same loss and
   # gradients, activation memory of one chunk.
   config.mini_batch_size = placeholder(int)
-  config.num_train_steps = 60
+  config.loop.num_train_steps = 60
 
   # Bookkeeping.
   config.eval_batch_size = 64
-  config.log_every_steps = 20
-  config.eval_every_steps = 30
-  config.checkpoint_every_steps = 30
+  config.loop.log_every_steps = 20
+  config.loop.eval_every_steps = 30
+  config.checkpoint.every_steps = 30
   return config

@@ -72,15 +72,15 @@ def get_config(corpus_dir: str | None = None) -> ml_collections.ConfigDict:
 
   # sentence-transformers' fine-tuning defaults (AdamW, weight decay 0.01, linear decay
   # after a 10% warm-up) at a learning rate for a short run.
-  config.learning_rate = 1e-4
-  config.weight_decay = 0.01
-  config.schedule = "warmup_linear"
+  config.optim.learning_rate = 1e-4
+  config.optim.weight_decay = 0.01
+  config.optim.schedule = "warmup_linear"
   config.batch_size = 32
-  config.num_train_steps = 30
-  config.warmup_steps = 3
+  config.loop.num_train_steps = 30
+  config.optim.warmup_steps = 3
 
-  config.log_every_steps = 10
-  config.eval_every_steps = 10**9  # only at the last step
-  config.checkpoint_every_steps = 10**9  # only at the last step (and on preemption)
-  config.max_to_keep = 1
+  config.loop.log_every_steps = 10
+  config.loop.eval_every_steps = 10**9  # only at the last step
+  config.checkpoint.every_steps = 10**9  # only at the last step (and on preemption)
+  config.checkpoint.max_to_keep = 1
   return config

@@ -44,6 +44,7 @@ from mrl_jax.evaluate import plots, probe
 from mrl_jax.evaluate.encoder import evaluate_workdir
 from mrl_jax.evaluate.report import format_table as format_evaluation
 from mrl_jax.evaluate.text import pair_retrieval_per_dim
+from mrl_jax.train import config as config_lib
 from mrl_jax.train import loop, optim, sharding
 
 ROWS = (("mrl", "MRL"), ("mrl_e", "MRL-E"), ("ff", "FF-k"), ("truncated", "ordinary, truncated"))
@@ -226,11 +227,12 @@ def _export_untrained(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   That is ``config.model_dir``'s weights, or the random initialisation the runs start from.
   """
-  mesh = sharding.make_mesh(config.get("mesh_shape"))
+  spec = config_lib.spec_of(config)  # a validated config (run_text_demo's)
+  mesh = sharding.make_mesh(spec.mesh.shape)
   task = experiments.task_of(config)(config, workdir=os.path.abspath(workdir), mesh=mesh)
-  schedule = optim.learning_rate_schedule(config, task.steps_per_epoch)
-  state = loop.create_train_state(task, jax.random.PRNGKey(config.seed),
-                                       optim.make_optimizer(config, schedule), mesh)
+  schedule = optim.learning_rate_schedule(spec, task.steps_per_epoch)
+  state = loop.create_train_state(task, jax.random.PRNGKey(spec.seed),
+                                  optim.make_optimizer(spec.optim, schedule), mesh)
   variables = jax.tree.map(artifact.to_numpy, state.variables)
   del state
   return artifact.write_atomically(os.path.abspath(os.path.join(workdir, "encoder")),

@@ -18,6 +18,7 @@ import ml_collections
 from mrl_jax import tasks
 from mrl_jax.core import fileio
 from mrl_jax.train import config as config_lib
+from mrl_jax.train import specs
 from mrl_jax.train.loop import Experiment
 from mrl_jax.train.loop import train_and_evaluate as _train_task
 
@@ -66,7 +67,8 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir")
-  return ml_collections.ConfigDict(fileio.read_json(path))
+  # A workdir written before the config namespaces: its flat fields read in their new places.
+  return ml_collections.ConfigDict(specs.migrate_flat(fileio.read_json(path)))
 
 
 def export_encoder(workdir: str, out_dir: str | None = None, *, step: int | None = None) -> str:

@@ -26,6 +26,24 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def override(config, overrides: dict):
+  """``config`` with ``overrides`` applied; a short test-only spelling: a field of the
+  shared namespaces may be given by its own name (``num_train_steps=5`` means
+  ``config.loop.num_train_steps = 5``; see ``mrl_jax.train.specs.MOVED``), a dict
+  updates a nested field."""
+  from mrl_jax.train.specs import MOVED
+
+  for key, value in overrides.items():
+    if key in MOVED:
+      section, field = MOVED[key].split(".")
+      config[section][field] = value
+    elif isinstance(value, dict) and key in config and hasattr(config[key], "update"):
+      config[key].update(value)
+    else:
+      config[key] = value
+  return config
+
+
 def tiny_config(data_dir: str, **overrides):
   """The base digits config shrunk to seconds: a 16-d MLP embedding, 30 steps."""
   from mrl_jax.train.config import load_config_file
@@ -36,14 +54,13 @@ def tiny_config(data_dir: str, **overrides):
   config.encoder.embed_dim = 16
   config.nesting.start = 2
   config.batch_size = 32
-  config.num_train_steps = 30
-  config.warmup_steps = 5
-  config.learning_rate = 1e-2
-  config.log_every_steps = 10
-  config.eval_every_steps = 30
-  config.checkpoint_every_steps = 10
-  config.update(overrides)
-  return config
+  config.loop.num_train_steps = 30
+  config.optim.warmup_steps = 5
+  config.optim.learning_rate = 1e-2
+  config.loop.log_every_steps = 10
+  config.loop.eval_every_steps = 30
+  config.checkpoint.every_steps = 10
+  return override(config, overrides)
 
 
 def tiny_text_config(**overrides):
@@ -53,15 +70,14 @@ def tiny_text_config(**overrides):
   config = load_config_file(os.path.join(REPO, "configs", "text_pairs.py"))
   config.max_length = 16
   config.encoder.dropout = 0.0
-  config.learning_rate = 3e-3
-  config.warmup_steps = 2
-  config.num_train_steps = 40
-  config.log_every_steps = 10
-  config.eval_every_steps = 40
-  config.checkpoint_every_steps = 10
+  config.optim.learning_rate = 3e-3
+  config.optim.warmup_steps = 2
+  config.loop.num_train_steps = 40
+  config.loop.log_every_steps = 10
+  config.loop.eval_every_steps = 40
+  config.checkpoint.every_steps = 10
   config.eval_batch_size = 48
-  config.update(overrides)
-  return config
+  return override(config, overrides)
 
 
 def tiny(task: str, data_dir: str, **overrides):

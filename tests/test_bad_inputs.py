@@ -52,17 +52,17 @@ LABELS = np.arange(8) % 5
 
 CONFIG_ERRORS = [
     # (task, overrides, the message: field and value)
-    ("classification", {"learning_rate": float("nan")}, r"config.learning_rate .* got nan"),
-    ("pairs", {"learning_rate": float("inf")}, r"config.learning_rate .* got inf"),
-    ("classification", {"num_train_steps": -5}, r"config.num_train_steps .* got -5"),
+    ("classification", {"learning_rate": float("nan")}, r"config.optim.learning_rate .* got nan"),
+    ("pairs", {"learning_rate": float("inf")}, r"config.optim.learning_rate .* got inf"),
+    ("classification", {"num_train_steps": -5}, r"config.loop.num_train_steps .* got -5"),
     ("classification", {"shuffle_buffer": 0}, r"config.shuffle_buffer must be a positive int, "
                                               r"got 0"),
     ("classification", {"shuffle_buffer": -1}, r"config.shuffle_buffer .* got -1"),
     ("classification", {"label_smoothing": 1.5}, r"config.label_smoothing=1.5"),
-    ("classification", {"checkpoint_every_steps": 0}, r"config.checkpoint_every_steps"),
-    ("classification", {"max_to_keep": -1}, r"config.max_to_keep .* got -1"),
+    ("classification", {"checkpoint_every_steps": 0}, r"config.checkpoint.every_steps"),
+    ("classification", {"max_to_keep": -1}, r"config.checkpoint.max_to_keep .* got -1"),
     ("pairs", {"scale": float("nan")}, r"config.scale=nan"),
-    ("pairs", {"warmup_steps": -3}, r"config.warmup_steps=-3"),
+    ("pairs", {"warmup_steps": -3}, r"config.optim.warmup_steps=-3"),
 ]
 
 
@@ -87,7 +87,7 @@ def _parse_cli(config_file: str, *args: str):
 @pytest.mark.parametrize("config_file", ["cifar10_resnet18.py", "imagenet_resnet50.py",
                                          "imagenet_vit_b16.py"])
 def test_num_train_steps_overrides_the_epochs_of_the_paper_configs(config_file):
-  config = experiments.validate_config(_parse_cli(config_file, "--config.num_train_steps=7"))
+  config = experiments.validate_config(_parse_cli(config_file, "--config.loop.num_train_steps=7"))
   assert optim.total_and_warmup_steps(config, steps_per_epoch=1000)[0] == 7
 
 
@@ -109,7 +109,7 @@ def test_empty_workdir_is_one_line_and_creates_nothing(tmp_path):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   proc = _train_py(tmp_path, "--workdir=", f"--config={REPO}/configs/digits_mlp.py",
-                   "--config.num_train_steps=2", cwd=str(cwd))
+                   "--config.loop.num_train_steps=2", cwd=str(cwd))
   assert "workdir must be a non-empty path" in _one_error_line(proc)
   assert not os.listdir(cwd)  # no ./checkpoints, ./encoder or ./config.json
 
@@ -130,7 +130,7 @@ def test_refused_checkpoint_is_one_line_naming_the_difference(tmp_path):
   checkpointer.save(1, {"w": np.zeros((2, 2), np.float32)})
   checkpointer.close()
   proc = _train_py(tmp_path, f"--workdir={workdir}", "--config=configs/text_pairs.py",
-                   "--config.num_train_steps=2")
+                   "--config.loop.num_train_steps=2")
   line = _one_error_line(proc)
   assert "CheckpointError" in line and "different model config" in line, line
 

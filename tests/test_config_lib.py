@@ -20,7 +20,7 @@ def test_derived_fields_are_filled_in():
     (dict(schedule="step"), "schedule='step'"),
     (dict(label_smoothing=1.0), "label_smoothing=1.0"),
     (dict(batch_size=0), "batch_size must be a positive int, got 0"),
-    (dict(num_train_steps=None), "set config.num_train_steps or config.num_epochs"),
+    (dict(num_train_steps=None), "set config.loop.num_train_steps or config.loop.num_epochs"),
     (dict(log_every_steps=0), "log_every_steps must be a positive int"),
 ])
 def test_bad_fields_are_named(overrides, match):
@@ -70,8 +70,8 @@ def test_every_shipped_config_validates_and_its_step_count_can_be_overridden():
 
   for path in sorted(glob.glob(f"{REPO}/configs/*.py")):
     config = config_lib.load_config_file(path)
-    if config.get("num_epochs") is not None:
-      config.num_epochs, config.num_train_steps = None, 7  # README: every field overridable
+    if config.loop.get("num_epochs") is not None:  # README: every field overridable
+      config.loop.num_epochs, config.loop.num_train_steps = None, 7
     if config.task == "adaptor":
       continue  # needs an embeddings file
-    assert experiments.validate_config(config).num_train_steps is not None, path
+    assert experiments.validate_config(config).loop.num_train_steps is not None, path

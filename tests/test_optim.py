@@ -4,7 +4,13 @@ import optax
 import pytest
 from conftest import tiny_config
 
+from mrl_jax import experiments
 from mrl_jax.train import optim
+from mrl_jax.train.config import spec_of
+
+
+def _spec(config):
+  return spec_of(experiments.validate_config(config))
 
 
 def test_paper_schedule_key_points():
@@ -12,8 +18,8 @@ def test_paper_schedule_key_points():
   config = tiny_config("unused", schedule="warmup_linear", learning_rate=0.425,
                        num_train_steps=None, num_epochs=40.0, warmup_epochs=2.0)
   steps_per_epoch = 100
-  lr = optim.learning_rate_schedule(config, steps_per_epoch)
-  assert optim.total_and_warmup_steps(config, steps_per_epoch) == (4000, 200)
+  lr = optim.learning_rate_schedule(_spec(config), steps_per_epoch)
+  assert optim.total_and_warmup_steps(_spec(config), steps_per_epoch) == (4000, 200)
   np.testing.assert_allclose(lr(0), 0.425e-4, rtol=1e-4)
   np.testing.assert_allclose(lr(100), 0.425 * (1e-4 + (1 - 1e-4) * 0.5), rtol=1e-5)
   np.testing.assert_allclose(lr(200), 0.425, rtol=1e-6)
@@ -24,7 +30,7 @@ def test_paper_schedule_key_points():
 def test_learning_rate_scales_with_batch():
   config = tiny_config("unused", learning_rate=0.425, learning_rate_batch_size=1024,
                        batch_size=256)
-  assert optim.peak_learning_rate(config) == pytest.approx(0.425 / 4)
+  assert optim.peak_learning_rate(_spec(config)) == pytest.approx(0.425 / 4)
 
 
 def test_weight_decay_skips_biases_and_norm_scales():
@@ -38,7 +44,7 @@ def test_weight_decay_skips_biases_and_norm_scales():
 
 def test_sgd_is_pytorch_style_coupled_decay():
   config = tiny_config("unused", optimizer="sgd", momentum=0.9, weight_decay=0.1)
-  tx = optim.make_optimizer(config, optax.constant_schedule(0.5))
+  tx = optim.make_optimizer(_spec(config).optim, optax.constant_schedule(0.5))
   params = {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)}
   grads = {"kernel": jnp.full((2, 2), 1.0), "bias": jnp.full((2,), 1.0)}
   state = tx.init(params)

@@ -7,6 +7,7 @@ from conftest import mock_tfds
 from configs import cifar10_resnet18, imagenet_resnet50, imagenet_vit_b16
 from mrl_jax import experiments
 from mrl_jax.train import optim
+from mrl_jax.train.config import spec_of
 
 MOCK_EXAMPLES = 8
 
@@ -15,10 +16,10 @@ def _shrink(config, data_dir: str, **encoder):
   """Same recipe and code paths; tiny images, encoder, batch and run."""
   config.data_dir = data_dir
   config.batch_size = 4
-  config.num_epochs = None
-  config.num_train_steps = 2
+  config.loop.num_epochs = None
+  config.loop.num_train_steps = 2
   config.shuffle_buffer = 8
-  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  config.loop.log_every_steps = config.loop.eval_every_steps = config.checkpoint.every_steps = 2
   config.encoder.update(encoder)
   if config.input.style == "imagenet":
     config.input.image_size = 32
@@ -69,8 +70,8 @@ def test_progressive_resizing_compiles_the_train_step_once_per_size(tmp_path, fa
   config = _shrink(imagenet_resnet50.get_config(), str(tmp_path / "tfds"))
   config.encoder = dict(name="cnn", embed_dim=16, features=(4,))
   config.nesting.start = 4
-  config.num_train_steps = 6
-  config.log_every_steps = 1
+  config.loop.num_train_steps = 6
+  config.loop.log_every_steps = 1
   experiment, result = _run(config, str(tmp_path / "work"))
   assert result["step"] == 6 and result["eval"]["num_examples"] == MOCK_EXAMPLES
   assert np.all(np.isfinite(result["eval"]["loss_per_dim"]))
@@ -80,8 +81,8 @@ def test_progressive_resizing_compiles_the_train_step_once_per_size(tmp_path, fa
 def test_paper_learning_rate_at_its_key_points():
   config = experiments.validate_config(imagenet_resnet50.get_config())
   steps_per_epoch = 1_281_167 // 1024  # ImageNet-1K train at global batch 1024: 1251
-  lr = optim.learning_rate_schedule(config, steps_per_epoch)
-  total, warmup = optim.total_and_warmup_steps(config, steps_per_epoch)
+  lr = optim.learning_rate_schedule(spec_of(config), steps_per_epoch)
+  total, warmup = optim.total_and_warmup_steps(spec_of(config), steps_per_epoch)
   assert (total, warmup) == (40 * 1251, 2 * 1251)
   np.testing.assert_allclose(lr(0), 0.425 * 1e-4, rtol=1e-4)  # start: 1e-4 x peak
   np.testing.assert_allclose(lr(warmup), 0.425, rtol=1e-6)  # end of warm-up: the peak
@@ -89,13 +90,16 @@ def test_paper_learning_rate_at_its_key_points():
   np.testing.assert_allclose(lr(total), 0.0, atol=1e-9)  # end: 0
   half = imagenet_resnet50.get_config()
   half.batch_size = 512
-  assert optim.peak_learning_rate(experiments.validate_config(half)) == pytest.approx(0.2125)
+  spec = spec_of(experiments.validate_config(half))
+  assert optim.peak_learning_rate(spec) == pytest.approx(0.2125)
 
 
 def test_recipe_fields_match_the_paper():
   config = experiments.validate_config(imagenet_resnet50.get_config())
-  assert (config.optimizer, config.momentum, config.weight_decay) == ("sgd", 0.9, 1e-4)
-  assert (config.label_smoothing, config.batch_size, config.num_epochs) == (0.1, 1024, 40.0)
+  optim_config = config.optim
+  assert (optim_config.optimizer, optim_config.momentum, optim_config.weight_decay) == (
+      "sgd", 0.9, 1e-4)
+  assert (config.label_smoothing, config.batch_size, config.loop.num_epochs) == (0.1, 1024, 40.0)
   assert config.nesting.dims == (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
   assert config.input.train_sizes == (160, 192) and config.input.image_size == 224
   assert round(config.input.image_size / config.input.crop_ratio) == 256

@@ -39,14 +39,14 @@ def _config(embeddings_file, **overrides):
   config.embeddings_file = embeddings_file
   config.adaptor.hidden = ()
   config.adaptor.init = "identity"  # learn the structure from truncation, not from PCA
-  config.learning_rate = 3e-3
+  config.optim.learning_rate = 3e-3
   config.nesting.dims = DIMS
   config.batch_size = 64
-  config.num_train_steps = 150
+  config.loop.num_train_steps = 150
   config.eval_fraction = 0.25
-  config.log_every_steps = 50
-  config.eval_every_steps = 150
-  config.checkpoint_every_steps = 150
+  config.loop.log_every_steps = 50
+  config.loop.eval_every_steps = 150
+  config.checkpoint.every_steps = 150
   for key, value in overrides.items():
     if isinstance(value, dict):
       config[key].update(value)
@@ -242,9 +242,9 @@ def test_train_py_runs_the_adaptor_end_to_end(files, tmp_path):
   proc = subprocess.run(
       [sys.executable, "train.py", "--config=configs/adaptor.py",
        f"--config.embeddings_file={files['x']}", f"--workdir={workdir}",
-       "--config.num_train_steps=20", "--config.batch_size=64", "--config.eval_fraction=0.25",
+       "--config.loop.num_train_steps=20", "--config.batch_size=64", "--config.eval_fraction=0.25",
        "--config.adaptor.hidden=(32,)", "--config.adaptor.init=identity",
-       "--config.eval_every_steps=20"],
+       "--config.loop.eval_every_steps=20"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "neighbor_recall@10" in proc.stdout and "exported the encoder" in proc.stdout

@@ -11,8 +11,8 @@ import pytest
 from subprocess_util import REPO
 
 TEXT = ["--config=configs/text_pairs.py", "--config.max_length=16",
-        "--config.log_every_steps=5", "--config.checkpoint_every_steps=5",
-        "--config.eval_every_steps=100", "--config.schedule=constant"]
+        "--config.loop.log_every_steps=5", "--config.checkpoint.every_steps=5",
+        "--config.loop.eval_every_steps=100", "--config.optim.schedule=constant"]
 
 
 def _cmd(workdir, *extra):
@@ -29,9 +29,9 @@ def _run(workdir, *extra):
 @pytest.mark.slow
 def test_sigterm_exits_143_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path):
   straight = str(tmp_path / "straight")
-  _run(straight, "--config.num_train_steps=200")
+  _run(straight, "--config.loop.num_train_steps=200")
   workdir = str(tmp_path / "run")
-  proc = subprocess.Popen(_cmd(workdir, "--config.num_train_steps=200"), cwd=REPO,
+  proc = subprocess.Popen(_cmd(workdir, "--config.loop.num_train_steps=200"), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "5")):
@@ -40,7 +40,7 @@ def test_sigterm_exits_143_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 143, err[-3000:]
   assert "preempted: saved step" in err
-  second = _run(workdir, "--config.num_train_steps=200")
+  second = _run(workdir, "--config.loop.num_train_steps=200")
   assert "exported the encoder" in second.stdout
   final = lambda d: json.load(open(os.path.join(d, "final_metrics.json")))
   assert final(workdir)["eval"] == final(straight)["eval"] and final(workdir)["step"] == 200
@@ -51,9 +51,10 @@ def test_sigterm_exits_143_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path
 
 @pytest.mark.parametrize("args,message", [
     (["--config.foo=1"], "the config has no field 'foo'"),
-    (["--config.learning_rate=-1"], "config.learning_rate must be a finite number >= 0"),
+    (["--config.optim.learning_rate=-1"],
+     "config.optim.learning_rate must be a finite number >= 0"),
     (["--config.nesting.weights=(1.0, nan, 1.0)"], "nan"),
-    (["--config.max_to_keep=0"], "max_to_keep"),
+    (["--config.checkpoint.max_to_keep=0"], "max_to_keep"),
     (["--config.train_file=/nonexistent.jsonl"], "train_file"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):

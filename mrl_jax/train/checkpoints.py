@@ -47,10 +47,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mrl_jax.core.version import __version__
+from mrl_jax.train import specs
 
 # Config fields that decide the structure and shapes in a checkpoint; resuming with any of
 # them changed cannot work, so it is refused up front.
-MODEL_FIELDS = ("dataset", "encoder", "head", "nesting", "ff_dim", "optimizer")
+MODEL_FIELDS = ("dataset", "encoder", "head", "nesting", "ff_dim")
 BEST_MODES = ("max", "min")
 HASH = "sha256"
 # Orbax's names inside a step folder; used only to name files in error messages and to
@@ -66,8 +67,14 @@ class CheckpointError(ValueError):
 
 
 def model_signature(config_dict: dict) -> dict:
-  """The part of a (JSON-able) config dict that fixes the model's shapes."""
-  return {k: config_dict.get(k) for k in MODEL_FIELDS}
+  """The part of a (JSON-able) config dict that fixes the model's and optimiser's shapes.
+
+  Configs stored before the namespaces (flat ``optimizer``) read as if namespaced,
+  so their checkpoints resume.
+  """
+  config_dict = specs.migrate_flat(config_dict)
+  return {**{k: config_dict.get(k) for k in MODEL_FIELDS},
+          "optimizer": (config_dict.get("optim") or {}).get("optimizer")}
 
 
 class Checkpointer:

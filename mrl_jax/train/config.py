@@ -20,13 +20,11 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from mrl_jax.core.nesting import Nesting, default_dims
+from mrl_jax.train import specs
 
 if TYPE_CHECKING:
   from mrl_jax.train.task import Task
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("warmup_linear", "warmup_cosine", "constant")
-BEST_MODES = ("max", "min")
 
 
 def base_config(task: str) -> ml_collections.ConfigDict:
@@ -44,32 +42,27 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       # dims None: powers of two from `start` up to encoder.embed_dim.
       dict(dims=placeholder(tuple), start=8, weights=placeholder(tuple)))
   config.half_precision = False
-
-  # Optimisation (mrl_jax.train.optim).
-  config.optimizer = "adamw"
-  config.learning_rate = 1e-3  # peak
-  config.learning_rate_batch_size = placeholder(int)  # if set, lr scales by batch_size / this
-  config.momentum = 0.9  # sgd only
-  config.weight_decay = 1e-4  # never applied to biases or normalisation scales
-  config.schedule = "warmup_cosine"
-  config.warmup_steps = 100
-  config.warmup_epochs = placeholder(float)  # if set, overrides warmup_steps
   config.batch_size = 128  # global, over all devices and hosts
-  config.num_train_steps = placeholder(int)
-  config.num_epochs = placeholder(float)  # alternative to num_train_steps
-
+  # The namespaces below are typed by mrl_jax.train.specs (field docs there).
+  config.optim = ml_collections.ConfigDict(dict(
+      optimizer="adamw", learning_rate=1e-3,  # peak
+      learning_rate_batch_size=placeholder(int),  # if set, lr scales by batch_size / this
+      momentum=0.9,  # sgd only
+      weight_decay=1e-4,  # never applied to biases or normalisation scales
+      schedule="warmup_cosine", warmup_steps=100,
+      warmup_epochs=placeholder(float)))  # if set, overrides warmup_steps
+  config.loop = ml_collections.ConfigDict(dict(
+      num_train_steps=placeholder(int), num_epochs=placeholder(float),  # one of the two
+      log_every_steps=100, eval_every_steps=1000))
   # Scale-out (mrl_jax.train.sharding): a ("data", "fsdp") mesh; -1 takes the remaining devices.
-  config.mesh_shape = (-1, 1)  # data parallel; e.g. (2, 4) also splits large arrays over 4
-  config.fsdp_min_size = 2**16  # with fsdp > 1: arrays of at least this many elements are split
-
-  # Bookkeeping.
-  config.log_every_steps = 100
-  config.eval_every_steps = 1000
-  config.checkpoint_every_steps = 1000
-  config.max_to_keep = 2  # >= 1: the latest checkpoints kept (plus the best one)
-  config.async_checkpointing = True  # write checkpoints in the background
-  config.best_metric = placeholder(str)  # e.g. "top1/dim_8": also keep the best eval step
-  config.best_mode = "max"  # or "min" (for a loss)
+  config.mesh = ml_collections.ConfigDict(dict(
+      shape=(-1, 1),  # data parallel; e.g. (2, 4) also splits large arrays over 4
+      fsdp_min_size=2**16))  # with fsdp > 1: arrays of at least this many elements are split
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000, max_to_keep=2,  # >= 1: the latest kept (plus the best one)
+      async_save=True,  # write checkpoints in the background
+      best_metric=placeholder(str),  # e.g. "top1/dim_8": also keep the best eval step
+      best_mode="max"))  # or "min" (for a loss)
   return config
 
 
@@ -105,6 +98,7 @@ def load_config_file(path: str, **overrides: Any) -> ml_collections.ConfigDict:
   with _importable_from(os.path.dirname(os.path.dirname(path))):
     spec.loader.exec_module(module)
   config = module.get_config()
+  specs.check_no_moved_fields(overrides)
   for key, value in overrides.items():
     if key not in config:
       raise ValueError(f"config has no field {key!r}; fields: {sorted(config.keys())}")
@@ -144,39 +138,16 @@ def validate_config(config: ml_collections.ConfigDict, task: type[Task],
 
 
 def _check_shared(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer={config.optimizer!r}; choose one of {OPTIMIZERS}")
-  if config.schedule not in SCHEDULES:
-    raise ValueError(f"config.schedule={config.schedule!r}; choose one of {SCHEDULES}")
-  non_negative(config.learning_rate, "learning_rate")
-  non_negative(config.weight_decay, "weight_decay")
-  if not (_is_number(config.momentum) and 0.0 <= config.momentum < 1.0):
-    raise ValueError(f"config.momentum={config.momentum!r} must be in [0, 1)")
-  if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int) \
-      or config.warmup_steps < 0:
-    raise ValueError(f"config.warmup_steps={config.warmup_steps!r} must be an int >= 0")
-  if config.get("warmup_epochs") is not None:
-    non_negative(config.warmup_epochs, "warmup_epochs")
-  if config.get("learning_rate_batch_size") is not None:
-    positive_int(config.learning_rate_batch_size, "learning_rate_batch_size")
+  specs.check_no_moved_fields(config.keys())
+  for name, cls in (("optim", specs.OptimSpec), ("loop", specs.LoopSpec),
+                    ("mesh", specs.MeshSpec), ("checkpoint", specs.CheckpointSpec)):
+    specs.parse(cls, dict(config.get(name) or {}), f"config.{name}")
   batch = positive_int(config.batch_size, "batch_size")
   if num_devices and batch % num_devices:
     raise ValueError(f"config.batch_size={batch} does not divide evenly over {num_devices} "
                      "devices")
-  if config.num_train_steps is None and config.num_epochs is None:
-    raise ValueError("set config.num_train_steps or config.num_epochs")
-  if config.num_train_steps is not None:
-    positive_int(config.num_train_steps, "num_train_steps")
-    config.num_epochs = None  # a step count that is set wins (--config.num_train_steps=N)
-  else:
-    if not (_is_number(config.num_epochs) and math.isfinite(config.num_epochs)
-            and config.num_epochs > 0):
-      raise ValueError(f"config.num_epochs={config.num_epochs!r} must be a positive number")
-  for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_to_keep",
-               "fsdp_min_size"):
-    positive_int(config[name], name)
-  if config.best_mode not in BEST_MODES:
-    raise ValueError(f"config.best_mode={config.best_mode!r}; choose one of {BEST_MODES}")
+  if config.loop.num_train_steps is not None:
+    config.loop.num_epochs = None  # a set step count wins (--config.loop.num_train_steps=N)
 
 
 def fill_nesting(config: ml_collections.ConfigDict, embed_dim: int) -> Nesting:
@@ -203,6 +174,23 @@ def nesting_of(config: ml_collections.ConfigDict) -> Nesting:
   """The validated :class:`Nesting` of a config passed through :func:`validate_config`."""
   return Nesting(tuple(config.nesting.dims), config.nesting.weights,
                  embed_dim=config.encoder.embed_dim)
+
+
+def mesh_spec_of(config: ml_collections.ConfigDict) -> specs.MeshSpec:
+  """``config.mesh`` typed (needed before :func:`validate_config`: the batch must divide
+  over the mesh).
+
+  Raises:
+    ValueError: naming the field.
+  """
+  specs.check_no_moved_fields(config.keys())
+  return specs.parse(specs.MeshSpec, dict(config.get("mesh") or {}), "config.mesh")
+
+
+def spec_of(config: ml_collections.ConfigDict) -> specs.RunSpec:
+  """The typed :class:`~mrl_jax.train.specs.RunSpec` of a config passed through
+  :func:`validate_config` (what the loop, the optimiser and checkpoints read)."""
+  return specs.run_spec(config, nesting_of(config))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

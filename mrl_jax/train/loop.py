@@ -174,26 +174,27 @@ class Experiment:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: type[Task]):
     if not workdir:
       raise ValueError("workdir must be a non-empty path")
-    self.mesh = sharding_lib.make_mesh(config.get("mesh_shape"))
+    self.mesh = sharding_lib.make_mesh(config_lib.mesh_spec_of(config).shape)
     self.config = config = config_lib.validate_config(config, task, num_devices=self.mesh.size)
+    self.spec = spec = config_lib.spec_of(config)
     self.workdir = os.path.abspath(workdir)
     self.task = task(config, workdir=self.workdir, mesh=self.mesh)
     self.dims = self.task.dims
-    self.total_steps, _ = optim.total_and_warmup_steps(config, self.task.steps_per_epoch)
-    self.schedule = optim.learning_rate_schedule(config, self.task.steps_per_epoch)
-    self.best_metric = config.get("best_metric")
+    self.total_steps, _ = optim.total_and_warmup_steps(spec, self.task.steps_per_epoch)
+    self.schedule = optim.learning_rate_schedule(spec, self.task.steps_per_epoch)
+    self.best_metric = spec.checkpoint.best_metric
     if self.best_metric is not None and self.best_metric not in self.task.eval_metric_names():
-      raise ValueError(f"config.best_metric={self.best_metric!r}; choose one of "
+      raise ValueError(f"config.checkpoint.best_metric={self.best_metric!r}; choose one of "
                        f"{self.task.eval_metric_names()}")
-    self.state = create_train_state(self.task, jax.random.PRNGKey(config.seed),
-                                    optim.make_optimizer(config, self.schedule), self.mesh,
-                                    config.fsdp_min_size)
+    self.state = create_train_state(self.task, jax.random.PRNGKey(spec.seed),
+                                    optim.make_optimizer(spec.optim, self.schedule), self.mesh,
+                                    spec.mesh.fsdp_min_size)
     self.checkpointer = Checkpointer(
         os.path.join(self.workdir, "checkpoints"),
-        {"config": json.loads(config_lib.to_json(config)), "task": config.task,
-         "dims": list(self.dims), **self.task.checkpoint_metadata()},
-        max_to_keep=config.max_to_keep, best_metric=self.best_metric,
-        best_mode=config.best_mode, async_save=bool(config.async_checkpointing))
+        {"config": json.loads(config_lib.to_json(config)), "spec": spec.to_json(),
+         "task": spec.task, "dims": list(self.dims), **self.task.checkpoint_metadata()},
+        max_to_keep=spec.checkpoint.max_to_keep, best_metric=self.best_metric,
+        best_mode=spec.checkpoint.best_mode, async_save=spec.checkpoint.async_save)
     latest = self.checkpointer.latest_step()
     if latest is not None:
       if latest > self.total_steps:
@@ -240,7 +241,7 @@ class Experiment:
       mrl_jax.train.preemption.Preempted: after a preemption notice, once the
         checkpoint of the current step is written.
     """
-    config, main = self.config, jax.process_index() == 0
+    config, spec, main = self.config, self.spec, jax.process_index() == 0
     writer = MetricWriter(self.workdir, enabled=main, echo=tqdm.write if progress else None)
     if main:
       write_json(self.workdir, "config.json", json.loads(config_lib.to_json(config)))
@@ -249,7 +250,7 @@ class Experiment:
     pending: list[tuple[int, jax.Array, jax.Array]] = []
     history: list[dict] = []
     bar = tqdm(total=self.total_steps, initial=start, disable=not (progress and main),
-               desc=f"train {config.task}", unit="step")
+               desc=f"train {spec.task}", unit="step")
     watch = preemption.PreemptionWatch()
     watch.install()
     tick = time.perf_counter()
@@ -262,19 +263,19 @@ class Experiment:
         history.append(metrics)
         bar.update(1)
         last = step == self.total_steps
-        if step % config.log_every_steps == 0 or last:
+        if step % spec.loop.log_every_steps == 0 or last:
           pending = self._check_finite(pending)
           scalars = expand_per_dim(mean_metrics(history), self.dims)
           scalars["examples_per_sec"] = (
-              len(history) * config.batch_size / (time.perf_counter() - tick))
+              len(history) * spec.batch_size / (time.perf_counter() - tick))
           writer.write_scalars(step, scalars, prefix="train/")
           history, tick = [], time.perf_counter()
         eval_scalars = None
-        if step % config.eval_every_steps == 0 or last:
+        if step % spec.loop.eval_every_steps == 0 or last:
           eval_scalars = expand_per_dim(self.evaluate(), self.dims)
           writer.write_scalars(step, eval_scalars, prefix="eval/")
         preempted = watch.reached(step)
-        if (step % config.checkpoint_every_steps == 0 or last or preempted
+        if (step % spec.checkpoint.every_steps == 0 or last or preempted
             or (self.best_metric and eval_scalars is not None)):
           pending = self._check_finite(pending)
           self.checkpointer.save(step, self.state, metrics=eval_scalars,
@@ -299,13 +300,13 @@ class Experiment:
                 else "no checkpoint had been saved yet")
         raise NonFiniteLossError(
             f"the loss ({float(loss)}) or the parameters became NaN/inf at step {step}; "
-            f"training stopped and {kept}. Lower config.learning_rate, add warm-up "
-            "(config.warmup_steps) or check the inputs for NaN/inf.")
+            f"training stopped and {kept}. Lower config.optim.learning_rate, add warm-up "
+            "(config.optim.warmup_steps) or check the inputs for NaN/inf.")
     return []
 
   def _final_metrics(self, main: bool) -> dict[str, Any]:
     ev = self.evaluate()
-    result = {"task": self.config.task, "step": self.step, "dims": list(self.dims),
+    result = {"task": self.spec.task, "step": self.step, "dims": list(self.dims),
               "eval": {k: np.asarray(v).tolist() for k, v in ev.items()}}
     if main:
       write_json(self.workdir, "final_metrics.json", result)
