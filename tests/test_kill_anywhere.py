@@ -60,7 +60,7 @@ def save_then_kill(self, step, state, **kwargs):
   return saved
 checkpoints.Checkpointer.save = save_then_kill
 
-for module, name in ((export, "write_metadata"), (fileio, "atomic_replace_dir")):
+for module, name in ((artifact, "write_metadata"), (fileio, "atomic_replace_dir")):
   def kill_then_call(*args, _call=getattr(module, name), _name=name, **kwargs):
     if spec["where"] == "export" and spec["hook"] == _name:
       kill(f"export {_name}")

@@ -32,8 +32,10 @@ def workdirs(digits_dir, tmp_path_factory):
   """``workdir/demo/mrl/encoder`` (the digits config, 64 dims) and ``workdir/text/encoder``."""
   root = tmp_path_factory.mktemp("readme")
   config = load_config_file(os.path.join(REPO, "configs", "digits_mlp.py"),
-                            data_dir=digits_dir, num_train_steps=20, log_every_steps=20,
-                            eval_every_steps=20, checkpoint_every_steps=20)
+                            data_dir=digits_dir,
+                            loop={"num_train_steps": 20, "log_every_steps": 20,
+                                  "eval_every_steps": 20},
+                            checkpoint={"every_steps": 20})
   config.encoder.hidden = (32,)
   experiments.train_and_evaluate(config, str(root / "workdir" / "demo" / "mrl"), progress=False)
   experiments.train_and_evaluate(tiny_text_config(num_train_steps=10),

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import override
 
 from mrl_jax import experiments
 from mrl_jax.bundle.encoder import Encoder
@@ -47,11 +48,7 @@ def _config(embeddings_file, **overrides):
   config.loop.log_every_steps = 50
   config.loop.eval_every_steps = 150
   config.checkpoint.every_steps = 150
-  for key, value in overrides.items():
-    if isinstance(value, dict):
-      config[key].update(value)
-    else:
-      config[key] = value
+  override(config, overrides)
   return config
 
 

@@ -236,7 +236,7 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
     return value
   if hint is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-      raise SpecError(f"{where}={value!r} must be a finite number")
+      raise SpecError(f"{where} must be a finite number, got {value!r}")
     return float(value)
   if hint is str:
     if not isinstance(value, str):
