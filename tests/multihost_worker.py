@@ -1,4 +1,4 @@
-"""One process of the multi-process test (``tests/test_multihost.py``).
+"""One process of the multi-process test (``tests/train/test_multihost.py``).
 
 ``python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR``:
 
@@ -23,7 +23,7 @@ OVERRIDES = dict(mesh_shape=(-1, 2), fsdp_min_size=64, label_smoothing=0.1,
 
 def get_config(data_dir: str):
   """The config of step 1 (``--config=tests/multihost_worker.py:DATA_DIR``)."""
-  from conftest import tiny_config
+  from testutil import tiny_config
 
   return tiny_config(data_dir, num_train_steps=STEPS, checkpoint_every_steps=2,
                      log_every_steps=2, eval_every_steps=STEPS, **OVERRIDES)
@@ -42,8 +42,8 @@ def train_on_fixed_batches(data_dir: str) -> dict:
 
   import jax
   import numpy as np
-  from conftest import tiny_config
   from jax.experimental import multihost_utils
+  from testutil import tiny_config
 
   from mrl_jax import experiments
   from mrl_jax.train import sharding
@@ -55,7 +55,7 @@ def train_on_fixed_batches(data_dir: str) -> dict:
   experiment = experiments.create(tiny_config(data_dir, num_train_steps=STEPS, **overrides),
                                     bytes(np.asarray(workdir)).decode().strip())
   config, mesh, state = experiment.config, experiment.mesh, experiment.state
-  step_fn = experiment._train_step
+  step_fn = experiment.train_step_fn
   to_global = functools.partial(sharding.as_global, sharding=sharding.batch_sharding(mesh))
   rows = config.batch_size // jax.process_count()
   mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)

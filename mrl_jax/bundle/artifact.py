@@ -67,7 +67,7 @@ def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
   out_dir = os.path.abspath(out_dir)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    _remove_leftovers(out_dir)
+    remove_leftovers(out_dir)
     tmp = fileio.make_temp_dir(out_dir)
     try:
       write(tmp)
@@ -79,7 +79,7 @@ def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
   return out_dir
 
 
-def _remove_leftovers(out_dir: str) -> None:
+def remove_leftovers(out_dir: str) -> None:
   """Delete ``<out_dir>.tmp-*`` / ``.old-*`` siblings left by a killed export (as Orbax does).
 
   A leftover ``.old-*`` is only deleted while ``out_dir`` itself is complete; if a

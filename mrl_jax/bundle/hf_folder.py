@@ -64,7 +64,7 @@ from mrl_jax.tokenizer import TextTokenizer
 # reads only to warn when it is newer than the installed release.
 MIN_SENTENCE_TRANSFORMERS = "3.0.0"
 # The transformers release whose reading of this folder was checked against
-# sentence-transformers 6.2.0 (tests/data/make_st_reference.py).
+# sentence-transformers 6.2.0 (tests/fixtures/make_st_reference.py).
 TRANSFORMERS_VERSION = "5.24.0"
 MRL_METADATA_FILE = "mrl_jax.json"
 POOLING_DIR = "1_Pooling"
@@ -304,7 +304,7 @@ def save_sentence_transformer(
 
   ``SentenceTransformer(out_dir).encode(texts, normalize_embeddings=True,
   truncate_dim=m)`` then equals ``load_hf_bert(out_dir).embed(texts, dim=m)``
-  (checked against sentence-transformers 6.2.0 by tests/test_hf_bert.py). Note
+  (checked against sentence-transformers 6.2.0 by tests/bundle/test_hf_folder.py). Note
   that without ``normalize_embeddings=True`` sentence-transformers truncates
   *after* its Normalize module, so its rows have norm < 1 below the full width
   (cosine similarities are unaffected).

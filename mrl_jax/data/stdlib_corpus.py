@@ -120,7 +120,7 @@ class CodePair:
     return dataclasses.asdict(self)
 
 
-def _skipped_name(name: str) -> bool:
+def skipped_name(name: str) -> bool:
   parts = name.split(".")
   if any(name == e or name.startswith(e + ".") for e in EXCLUDED):
     return True
@@ -136,13 +136,13 @@ def stdlib_module_names() -> list[str]:
   out = []
 
   def visit(name: str, spec: Any) -> None:
-    if spec is None or _skipped_name(name):
+    if spec is None or skipped_name(name):
       return
     if spec.origin and spec.origin.endswith(".py"):
       out.append(name)
     for info in pkgutil.iter_modules(spec.submodule_search_locations or []):
       child = f"{name}.{info.name}"
-      if _skipped_name(child):
+      if skipped_name(child):
         continue
       try:
         child_spec = importlib.util.find_spec(child)
@@ -151,7 +151,7 @@ def stdlib_module_names() -> list[str]:
       visit(child, child_spec)
 
   for name in sorted(sys.stdlib_module_names):
-    if _skipped_name(name):
+    if skipped_name(name):
       continue
     try:
       spec = importlib.util.find_spec(name)
@@ -308,7 +308,7 @@ def build_stdlib_pairs(
     modules = stdlib_module_names()
   elif isinstance(modules, str):
     raise ValueError(f"modules must be a sequence of module names, not one string {modules!r}")
-  modules = sorted({m for m in modules if not _skipped_name(m)})
+  modules = sorted({m for m in modules if not skipped_name(m)})
   pairs, seen_sources = [], set()
   for pair in _candidates(modules, max_chars):
     if pair.positive not in seen_sources:

@@ -208,7 +208,7 @@ class Experiment:
                                   self.task.data_position(latest), self.checkpointer.directory)
     self._to_global = functools.partial(sharding_lib.as_global,
                                         sharding=sharding_lib.batch_sharding(self.mesh))
-    self._train_step = jit_train_step(self.task, self.schedule, self.mesh,
+    self.train_step_fn = jit_train_step(self.task, self.schedule, self.mesh,
                                       jax.tree.map(lambda x: x.sharding, self.state))
 
   @property
@@ -256,7 +256,7 @@ class Experiment:
     tick = time.perf_counter()
     try:
       for step in range(start + 1, self.total_steps + 1):
-        self.state, metrics = self._train_step(self.state, next(batches))
+        self.state, metrics = self.train_step_fn(self.state, next(batches))
         if on_step is not None:
           on_step(step, metrics)
         pending.append((step, metrics.pop("finite"), metrics["loss"]))

@@ -1,0 +1,108 @@
+"""The demo's text comparison (mrl_jax.demo.run_text_demo) on a tiny random BERT and a
+slice of the stdlib corpus: three bundles, rows equal to a numpy reference, runs reused."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from testutil import REPO, tiny_text_config
+
+from mrl_jax import demo
+from mrl_jax.bundle.encoder import Encoder
+from mrl_jax.data.stdlib_corpus import write_stdlib_corpus
+from mrl_jax.data.text import read_text_pairs
+from mrl_jax.train.config import load_config_file
+
+MODULES = ["textwrap", "json.decoder", "json.encoder", "shlex", "fnmatch", "glob", "difflib",
+           "calendar", "heapq", "statistics", "fractions", "base64", "ipaddress", "copy", "pprint"]
+EVAL_PAIRS = 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  out = tmp_path_factory.mktemp("corpus")
+  counts = write_stdlib_corpus(str(out), modules=MODULES, eval_fraction=0.3)
+  assert counts["train"] >= 100 and counts["eval"] > EVAL_PAIRS, counts
+  return out
+
+
+def _config(corpus, **overrides):
+  fields = dict(train_file=str(corpus / "train.jsonl"), eval_file=None,
+                eval_pairs_file=str(corpus / "eval.jsonl"), num_train_steps=8,
+                checkpoint_every_steps=8, log_every_steps=8)
+  return tiny_text_config(**{**fields, **overrides})
+
+
+def _reference(anchors, positives, dims):
+  """recall@1, recall@10 and MRR@10 per dim, one query at a time (truncate, then normalise)."""
+  out = {"recall_at_1": [], "recall_at_10": [], "mrr_at_10": []}
+  for m in dims:
+    hits1 = hits10 = rr = 0.0
+    for i in range(len(anchors)):
+      a = anchors[i, :m] / np.linalg.norm(anchors[i, :m])
+      cos = [float(a @ (p[:m] / np.linalg.norm(p[:m]))) for p in positives]
+      rank = 1 + sum(1 for j, c in enumerate(cos) if j != i and c >= cos[i])
+      hits1 += rank == 1
+      hits10 += rank <= 10
+      rr += 1.0 / rank if rank <= 10 else 0.0
+    for name, value in (("recall_at_1", hits1), ("recall_at_10", hits10), ("mrr_at_10", rr)):
+      out[name].append(value / len(anchors))
+  return out
+
+
+def test_text_demo_rows_match_a_numpy_reference_and_finished_runs_are_reused(corpus, tmp_path):
+  results = demo.run_text_demo(_config(corpus), str(tmp_path), eval_pairs=EVAL_PAIRS,
+                               progress=False)
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f) == results
+  dims = [8, 16, 32]
+  assert results["dims"] == dims and results["eval_pairs"] == EVAL_PAIRS
+  assert results["model"] == "random BERT"
+
+  # The bundles: the untrained step-0 encoder, and the two fine-tunes with their nestings.
+  bundles = {row: Encoder.load(str(tmp_path / row / "encoder")) for row, _ in demo.TEXT_ROWS}
+  assert bundles["shipped"].metadata["step"] == 0
+  assert bundles["no_mrl"].dims == (32,) and bundles["mrl"].dims == tuple(dims)
+  for row in ("no_mrl", "mrl"):
+    assert bundles[row].metadata["step"] == 8
+    assert bundles[row].metadata["training_config"]["eval_pairs_file"] is None
+
+  # Every row: the seed-0 subset of the held-out file, embedded in its own order.
+  held_out = read_text_pairs(str(corpus / "eval.jsonl"))
+  rows = np.sort(np.random.default_rng(0).permutation(len(held_out))[:EVAL_PAIRS])
+  anchors = [held_out.anchors[i] for i in rows]
+  positives = [held_out.positives[i] for i in rows]
+  embeddings = {}
+  for row, encoder in bundles.items():
+    a = np.stack([encoder.embed([t], normalize=False)[0] for t in anchors])
+    p = np.stack([encoder.embed([t], normalize=False)[0] for t in positives])
+    embeddings[row] = a
+    for name, want in _reference(a, p, dims).items():
+      np.testing.assert_allclose(results[name][row], want, atol=1e-9, err_msg=f"{row} {name}")
+  assert not np.allclose(embeddings["shipped"], embeddings["mrl"], atol=1e-3)  # it trained
+  assert not np.allclose(embeddings["no_mrl"], embeddings["mrl"], atol=1e-3)
+
+  table = demo.format_text_table(results)
+  assert all(label in table for _, label in demo.TEXT_ROWS)
+  assert "".join(f"{100 * v:7.1f}" for v in results["mrr_at_10"]["mrl"]) in table
+  assert f"{EVAL_PAIRS} held-out pairs" in table
+
+  # A second call restores the finished runs instead of training them again.
+  stamps = {row: os.path.getmtime(tmp_path / row / "checkpoints") for row in ("no_mrl", "mrl")}
+  assert demo.run_text_demo(_config(corpus), str(tmp_path), eval_pairs=EVAL_PAIRS,
+                            progress=False) == results
+  assert {row: os.path.getmtime(tmp_path / row / "checkpoints")
+          for row in ("no_mrl", "mrl")} == stamps
+
+
+def test_text_demo_refuses_bad_arguments_before_training(corpus, tmp_path):
+  with pytest.raises(ValueError, match="eval_pairs_file"):
+    demo.run_text_demo(_config(corpus, eval_pairs_file=None), str(tmp_path))
+  for bad in (0, -3, 2.5, True):
+    with pytest.raises(ValueError, match="eval_pairs"):
+      demo.run_text_demo(_config(corpus), str(tmp_path), eval_pairs=bad)
+  with pytest.raises(ValueError, match="pairs task"):
+    demo.run_text_demo(load_config_file(os.path.join(REPO, "configs", "digits_mlp.py")),
+                       str(tmp_path))
+  assert not os.listdir(tmp_path)
