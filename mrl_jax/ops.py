@@ -9,12 +9,18 @@ sentence-transformers' ``truncate_dim``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 NORM_EPS = 1e-12
-QUANTIZATIONS = (None, "int8", "binary")
+# sentence-transformers' ``quantize_embeddings`` precisions (same names, same codes), plus
+# mrl_jax's fixed-range int8 rule under its own name.
+QUANTIZATIONS = (None, "int8", "int8_symmetric", "binary", "ubinary")
+# The kinds whose codes depend on calibration ranges (``int8_ranges``).
+CALIBRATED = ("int8",)
 
 
 def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool = True,
@@ -44,25 +50,70 @@ def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool 
   return z
 
 
-def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True) -> jax.Array:
-  """Unit-norm float embeddings ``[..., m]`` -> codes (as sentence-transformers' quantize).
+def int8_ranges(calibration) -> tuple[np.ndarray, np.ndarray]:
+  """Per-dimension ``(starts, steps)`` of sentence-transformers' calibrated int8.
 
-  ``None``: unchanged float32; ``"int8"``: ``clip(round(127 z), -127, 127)`` int8
-  ``[..., m]``; ``"binary"``: the sign bits ``z > 0`` packed big-endian into
-  uint8 ``[..., ceil(m / 8)]`` (as ``np.packbits``).
+  ``starts = min(c, axis=0)``, ``steps = (max(c, axis=0) - starts) / 255`` over the
+  calibration embeddings ``c`` (sentence-transformers' ``quantize_embeddings(...,
+  precision="int8", calibration_embeddings=c)``; without ``c`` it takes the ranges of
+  the embeddings being quantised).
 
-  A NaN would quantise to an all-zero code (and an inf to a saturated one), a
-  valid-looking but meaningless vector: called on a concrete array, rows with
-  a NaN or inf are refused; under ``jit`` the values cannot be inspected, so
-  check the inputs first (as :meth:`mrl_jax.inference.Encoder.embed` does).
-  ``check_finite=False`` is for callers that have checked already.
+  Args:
+    calibration: float ``[N, m]`` embeddings, ``N >= 1``, finite.
+
+  Returns:
+    float32 ``starts [m]`` and ``steps [m]``.
 
   Raises:
-    ValueError: ``kind`` is not one of :data:`QUANTIZATIONS`, or (outside
-      ``jit``) ``z`` has rows with a NaN or inf (naming them).
+    ValueError: ``calibration`` is not a finite 2-D float array with a row.
+  """
+  c = np.asarray(calibration)
+  if c.ndim != 2 or not len(c) or c.dtype.kind != "f":
+    raise ValueError(f"calibration embeddings must be float [N >= 1, m], got dtype {c.dtype} "
+                     f"and shape {c.shape}")
+  if not np.isfinite(c).all():
+    raise ValueError("calibration embeddings hold NaN or inf")
+  c = c.astype(np.float32)
+  starts = c.min(axis=0)
+  return starts, (c.max(axis=0) - starts) / 255.0
+
+
+def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True,
+             ranges: tuple[Any, Any] | None = None) -> jax.Array:
+  """Float embeddings ``[..., m]`` -> codes, with sentence-transformers' names and rules.
+
+  As ``sentence_transformers.quantization.quantize_embeddings(z, precision=kind)``:
+
+  * ``None``: unchanged float32.
+  * ``"int8"``: per dimension ``(z - starts) / steps - 128`` cast to int8 ``[..., m]``,
+    with ``(starts, steps) = ranges`` (:func:`int8_ranges` of calibration
+    embeddings; default: :func:`int8_ranges` of ``z`` itself, i.e. of this batch,
+    as sentence-transformers does without ``calibration_embeddings``). The cast
+    truncates toward zero and wraps out-of-range values, as numpy's
+    ``astype(np.int8)`` does there (calibrate on data that covers the inputs).
+  * ``"int8_symmetric"``: mrl_jax's fixed-range rule for unit-norm rows,
+    ``clip(round(127 z), -127, 127)`` int8 ``[..., m]`` (no calibration; integer
+    dot products approximate cosines).
+  * ``"ubinary"``: the sign bits ``z > 0`` packed big-endian into uint8
+    ``[..., ceil(m / 8)]`` (``np.packbits``).
+  * ``"binary"``: ``ubinary - 128`` as int8 ``[..., ceil(m / 8)]`` (the same bits,
+    offset; Hamming distances are equal).
+
+  A NaN would quantise to a valid-looking but meaningless code: called on a
+  concrete array, rows with a NaN or inf are refused; under ``jit`` the values
+  cannot be inspected, so check the inputs first (as
+  :meth:`mrl_jax.inference.Encoder.embed` does). ``check_finite=False`` is for
+  callers that have checked already.
+
+  Raises:
+    ValueError: ``kind`` is not one of :data:`QUANTIZATIONS`, ``ranges`` given for
+      another kind or not two ``[m]`` arrays, or (outside ``jit``) ``z`` has rows
+      with a NaN or inf (naming them).
   """
   if kind not in QUANTIZATIONS:
     raise ValueError(f"quantize={kind!r}; choose one of {QUANTIZATIONS}")
+  if ranges is not None and kind not in CALIBRATED:
+    raise ValueError(f"ranges (calibration) apply to quantize in {CALIBRATED}, not {kind!r}")
   if check_finite and kind is not None and not isinstance(z, jax.core.Tracer) and np.size(z):
     values = np.atleast_1d(np.asarray(z))
     bad = np.flatnonzero(~np.isfinite(values.reshape(-1, values.shape[-1])).all(axis=1))
@@ -70,7 +121,23 @@ def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True) -> ja
       raise ValueError(f"cannot quantise non-finite embeddings: rows {bad[:10].tolist()} of z "
                        f"(as [-1, {values.shape[-1]}]) hold NaN or inf")
   if kind == "int8":
+    z = jnp.asarray(z, jnp.float32)
+    if ranges is None:
+      flat = z.reshape(-1, z.shape[-1])
+      starts = flat.min(axis=0)
+      steps = (flat.max(axis=0) - starts) / 255.0
+    else:
+      starts, steps = (jnp.asarray(r, jnp.float32) for r in ranges)
+      if starts.shape != (z.shape[-1],) or steps.shape != (z.shape[-1],):
+        raise ValueError(f"ranges must be two [{z.shape[-1]}] arrays (starts, steps), got "
+                         f"shapes {starts.shape} and {steps.shape}")
+    # As numpy: float -> int8 truncates toward zero; go through int32 so that XLA wraps
+    # like numpy's cast instead of saturating (values outside the calibrated range).
+    return ((z - starts) / steps - 128.0).astype(jnp.int32).astype(jnp.int8)
+  if kind == "int8_symmetric":
     return jnp.clip(jnp.round(z * 127.0), -127, 127).astype(jnp.int8)
-  if kind == "binary":
+  if kind == "ubinary":
     return jnp.packbits(z > 0, axis=-1)
+  if kind == "binary":
+    return (jnp.packbits(z > 0, axis=-1).astype(jnp.int16) - 128).astype(jnp.int8)
   return z
