@@ -138,7 +138,8 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
 
   * ``shipped/encoder``: the encoder before any training (the loop's step-0
     state: ``config.model_dir``'s weights, or the random initialisation of
-    ``config.seed`` without one), exported by the task's own export, rewritten
+    ``config.seed`` without one), exported by the task's own export as a
+    non-Matryoshka baseline (``is_matryoshka: false``, one size ``D``), rewritten
     on every call;
   * ``no_mrl``: fine-tuned with the loss at the single dim ``D`` (nesting ``(D,)``:
     the plain in-batch softmax), the ordinary fine-tune;
@@ -188,7 +189,10 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
   plain.nesting.dims, plain.nesting.weights = (width,), None
 
   tick = time.perf_counter()
-  bundles = {"shipped": _export_untrained(train_config, os.path.join(workdir, "shipped"))}
+  # The shipped model was never trained with the nested loss: exported as what it is, a
+  # single-size baseline (is_matryoshka false, no matryoshka_dimensions), so no serving
+  # engine truncates it as if it were trained at the nested dims.
+  bundles = {"shipped": _export_untrained(plain, os.path.join(workdir, "shipped"))}
   _say(progress, f"== exported the encoder as shipped ({time.perf_counter() - tick:.0f} s)")
   for key, variant in (("no_mrl", plain), ("mrl", train_config)):
     tick = time.perf_counter()

@@ -194,22 +194,27 @@ class Encoder:
   def check_dim(self, dim: int | None, allow_any_dim: bool = False) -> int:
     """``dim`` (default: the largest trained dim) after checking it is servable.
 
+    With ``allow_any_dim`` any size in ``1..embed_dim`` is served, with a warning
+    when it was not trained: an interpolated size of a Matryoshka model, or any
+    truncation of a model not trained with MRL (``is_matryoshka`` false, e.g. a
+    baseline), whose prefixes are not trained representations: an explicit opt-in.
+
     Raises:
       ValueError: listing the valid dims when ``dim`` is not a trained nesting
-        dim; with ``allow_any_dim``, when it is not in ``1..embed_dim`` or the
-        model was not trained with MRL (its prefixes are not representations).
+        dim; with ``allow_any_dim``, when it is not in ``1..embed_dim``.
     """
     if dim is None:
       return self.dims[-1]
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
       raise ValueError(f"dim must be an int, got {dim!r}; valid dims: {list(self.dims)}")
     if allow_any_dim:
-      if not self.is_matryoshka:
-        raise ValueError(f"allow_any_dim=True needs a Matryoshka model; this bundle has "
-                         f"is_matryoshka=false, so only dims {list(self.dims)} are served")
       if not 1 <= dim <= self.embed_dim:
         raise ValueError(f"dim={dim} is outside 1..{self.embed_dim} (embed_dim)")
-      if int(dim) not in self.dims:
+      if not self.is_matryoshka and int(dim) not in self.dims:
+        warnings.warn(f"dim={dim}: this model was not trained with MRL (is_matryoshka=false, "
+                      f"trained size {list(self.dims)}); its prefixes are truncations of a "
+                      "baseline, not trained representations", stacklevel=3)
+      elif int(dim) not in self.dims:
         warnings.warn(f"dim={dim} was not trained (trained: {list(self.dims)}); its quality "
                       "is interpolated, not measured", stacklevel=3)
       return int(dim)

@@ -54,9 +54,10 @@ def int8_ranges(calibration) -> tuple[np.ndarray, np.ndarray]:
   """Per-dimension ``(starts, steps)`` of sentence-transformers' calibrated int8.
 
   ``starts = min(c, axis=0)``, ``steps = (max(c, axis=0) - starts) / 255`` over the
-  calibration embeddings ``c`` (sentence-transformers' ``quantize_embeddings(...,
-  precision="int8", calibration_embeddings=c)``; without ``c`` it takes the ranges of
-  the embeddings being quantised).
+  calibration embeddings ``c``, a zero step (a constant dimension) replaced by 1
+  (sentence-transformers 6.3's ``quantize_embeddings(..., precision="int8",
+  calibration_embeddings=c)``; without ``c`` it takes the ranges of the embeddings
+  being quantised).
 
   Args:
     calibration: float ``[N, m]`` embeddings, ``N >= 1``, finite.
@@ -75,7 +76,8 @@ def int8_ranges(calibration) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError("calibration embeddings hold NaN or inf")
   c = c.astype(np.float32)
   starts = c.min(axis=0)
-  return starts, (c.max(axis=0) - starts) / 255.0
+  steps = (c.max(axis=0) - starts) / np.float32(255)
+  return starts, np.where(steps == 0, np.float32(1), steps).astype(np.float32)
 
 
 def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True,
@@ -85,12 +87,13 @@ def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True,
   As ``sentence_transformers.quantization.quantize_embeddings(z, precision=kind)``:
 
   * ``None``: unchanged float32.
-  * ``"int8"``: per dimension ``(z - starts) / steps - 128`` cast to int8 ``[..., m]``,
-    with ``(starts, steps) = ranges`` (:func:`int8_ranges` of calibration
-    embeddings; default: :func:`int8_ranges` of ``z`` itself, i.e. of this batch,
-    as sentence-transformers does without ``calibration_embeddings``). The cast
-    truncates toward zero and wraps out-of-range values, as numpy's
-    ``astype(np.int8)`` does there (calibrate on data that covers the inputs).
+  * ``"int8"``: per dimension ``clip(floor((z - starts) / steps), 0, 255) - 128`` as
+    int8 ``[..., m]`` (sentence-transformers 6.3; values outside the calibrated range
+    saturate), with ``(starts, steps) = ranges`` (:func:`int8_ranges` of calibration
+    embeddings; default: :func:`int8_ranges` of the rows of ``z`` itself, as
+    sentence-transformers does without ``calibration_embeddings``). Releases before
+    6.3 cast ``(z - starts) / steps - 128`` directly (toward zero, wrapping), which
+    gives codes one lower for most values.
   * ``"int8_symmetric"``: mrl_jax's fixed-range rule for unit-norm rows,
     ``clip(round(127 z), -127, 127)`` int8 ``[..., m]`` (no calibration; integer
     dot products approximate cosines).
@@ -120,20 +123,30 @@ def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True,
     if bad.size:
       raise ValueError(f"cannot quantise non-finite embeddings: rows {bad[:10].tolist()} of z "
                        f"(as [-1, {values.shape[-1]}]) hold NaN or inf")
+  if kind == "int8" and not isinstance(z, jax.core.Tracer):
+    # Concrete values: numpy's float32 arithmetic, bit for bit sentence-transformers' own
+    # (XLA may fuse the division differently and move a value across a code boundary).
+    z = np.asarray(z, np.float32)
+    starts, steps = int8_ranges(z.reshape(-1, z.shape[-1])) if ranges is None else (
+        np.asarray(r, np.float32) for r in ranges)
+    if starts.shape != (z.shape[-1],) or steps.shape != (z.shape[-1],):
+      raise ValueError(f"ranges must be two [{z.shape[-1]}] arrays (starts, steps), got "
+                       f"shapes {starts.shape} and {steps.shape}")
+    return jnp.asarray((np.clip(np.floor((z - starts) / steps), 0, 255) - 128).astype(np.int8))
   if kind == "int8":
     z = jnp.asarray(z, jnp.float32)
     if ranges is None:
       flat = z.reshape(-1, z.shape[-1])
       starts = flat.min(axis=0)
       steps = (flat.max(axis=0) - starts) / 255.0
+      steps = jnp.where(steps == 0, 1.0, steps)
     else:
       starts, steps = (jnp.asarray(r, jnp.float32) for r in ranges)
       if starts.shape != (z.shape[-1],) or steps.shape != (z.shape[-1],):
         raise ValueError(f"ranges must be two [{z.shape[-1]}] arrays (starts, steps), got "
                          f"shapes {starts.shape} and {steps.shape}")
-    # As numpy: float -> int8 truncates toward zero; go through int32 so that XLA wraps
-    # like numpy's cast instead of saturating (values outside the calibrated range).
-    return ((z - starts) / steps - 128.0).astype(jnp.int32).astype(jnp.int8)
+    codes = jnp.clip(jnp.floor((z - starts) / steps), 0, 255) - 128.0
+    return codes.astype(jnp.int8)
   if kind == "int8_symmetric":
     return jnp.clip(jnp.round(z * 127.0), -127, 127).astype(jnp.int8)
   if kind == "ubinary":

@@ -211,9 +211,9 @@ def test_bundle_with_a_non_finite_preprocessing_scale_is_refused(bundle, tmp_pat
 def test_nan_input_rows_are_refused_for_every_quantisation(bundle):
   encoder = Encoder.load(bundle)
   x = RNG.random((5, 8, 8, 1)).astype(np.float32)
-  assert np.all(encoder.embed(x, quantize="int8").any(axis=1))  # real codes are not all zero
+  assert np.all(encoder.embed(x, quantize="int8_symmetric").any(axis=1))  # not all zero
   x[3, 2, 1, 0] = np.nan
-  for quantize in (None, "int8", "binary"):
+  for quantize in (None, "int8", "int8_symmetric", "binary", "ubinary"):
     with pytest.raises(ValueError, match=r"NaN or inf in rows \[3\]"):
       encoder.embed(x, dim=4, quantize=quantize)
   x[3, 2, 1, 0] = np.inf
@@ -233,8 +233,9 @@ def test_raw_integer_or_bool_pixels_are_refused(bundle, dtype):
 
 def test_quantising_non_finite_embeddings_is_refused_outside_jit():
   z = A / np.linalg.norm(A, axis=1, keepdims=True)
-  np.testing.assert_array_equal(ops.quantize(z, "int8"), np.round(127 * z).astype(np.int8))
-  for kind in ("int8", "binary"):
+  np.testing.assert_array_equal(ops.quantize(z, "int8_symmetric"),
+                                np.round(127 * z).astype(np.int8))
+  for kind in ("int8", "int8_symmetric", "binary", "ubinary"):
     for bad in (np.nan, np.inf, -np.inf):
       broken = z.copy()
       broken[6, 1] = bad
@@ -244,6 +245,7 @@ def test_quantising_non_finite_embeddings_is_refused_outside_jit():
                                 np.full((1, 8), np.nan))  # no quantisation: floats as given
   # Under jit the values are not inspectable: the check is the caller's (Encoder.embed).
   assert jax.jit(ops.quantize, static_argnums=1)(z, "int8").shape == (8, 8)
+  assert jax.jit(ops.quantize, static_argnums=1)(z, "binary").shape == (8, 1)
 
 
 # --- kind 3: public functions with a domain ----------------------------------------------------

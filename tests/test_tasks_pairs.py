@@ -127,5 +127,7 @@ def test_a_single_nesting_dim_exports_an_ordinary_model(tmp_path):
   assert config["is_matryoshka"] is False and "matryoshka_dimensions" not in config
   encoder = Encoder.load(result["export_dir"])
   assert not encoder.is_matryoshka and encoder.dims == (32,)
-  with pytest.raises(ValueError, match="is_matryoshka=false"):
-    encoder.embed(["a cat"], dim=8, allow_any_dim=True)
+  with pytest.raises(ValueError, match=r"valid dims: \[32\]"):
+    encoder.embed(["a cat"], dim=8)
+  with pytest.warns(UserWarning, match="not trained with MRL"):  # an explicit opt-in
+    assert encoder.embed(["a cat"], dim=8, allow_any_dim=True).shape == (1, 8)
