@@ -268,6 +268,11 @@ class PairsTask(base.Task):
           intermediate_size=enc.intermediate_size, max_position_embeddings=config.max_length,
           hidden_dropout=enc.dropout, attention_dropout=enc.dropout),
           pooling=config.pooling or "mean")
+    served = (config.get("export") or {}).get("max_seq_length")
+    if served is not None and served > self.model.config.max_position_embeddings:
+      raise ValueError(f"config.export.max_seq_length={served} exceeds the model's "
+                       f"max_position_embeddings={self.model.config.max_position_embeddings} "
+                       "(its position table bounds the served length)")
     for source in self.sources:
       if len(source) < config.batch_size:
         raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
