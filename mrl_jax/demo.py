@@ -214,8 +214,9 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
     encoder = Encoder.load(bundles[key])
     metrics = pair_retrieval_per_dim(_embed_by_length(encoder, held_out.anchors),
                                      _embed_by_length(encoder, held_out.positives), dims)
-    for name in ("recall_at_1", "recall_at_10", "mrr_at_10"):
-      results[name][key] = [float(v) for v in metrics[f"{name}_per_dim"]]
+    for name, st_name in (("recall_at_1", "cosine_recall@1"), ("recall_at_10", "cosine_recall@10"),
+                          ("mrr_at_10", "cosine_mrr@10")):
+      results[name][key] = [float(v) for v in metrics[f"{st_name}_per_dim"]]
   _say(progress, f"== evaluated the three encoders on {len(held_out)} held-out pairs "
        f"({time.perf_counter() - tick:.0f} s)")
   train_lib.write_json(workdir, "results.json", results)

@@ -41,7 +41,7 @@ from mrl_jax.data.text import (
     read_text_pairs,
     tokenize_pairs,
 )
-from mrl_jax.evaluate.text import evaluate_text
+from mrl_jax.evaluate.text import evaluate_text, retrieval_metric_names
 from mrl_jax.losses import (
     cached_value_and_grad,
     in_batch_softmax,
@@ -432,7 +432,7 @@ class PairsTask(base.Task):
     if self.config.eval_file:
       names.append("spearman")
     if self.config.eval_pairs_file:
-      names += ["recall_at_1", "recall_at_10", "mrr_at_10"]
+      names += retrieval_metric_names()
     return [f"{n}/dim_{m}" for n in names for m in self.dims]
 
   def checkpoint_metadata(self) -> dict[str, Any]:
