@@ -232,6 +232,7 @@ def _export_untrained(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   from mrl_jax import export, optim, sharding, tasks
 
+  config = config_lib.validate_config(config)  # fills the nesting weights of a variant
   mesh = sharding.make_mesh(config.get("mesh_shape"))
   task = tasks.get_task(config.task)(config, workdir=os.path.abspath(workdir), mesh=mesh)
   schedule = optim.learning_rate_schedule(config, task.steps_per_epoch)

@@ -4,12 +4,15 @@
 
   encoder = Encoder.load("workdir/encoder")
   z = encoder.embed(x, dim=16)                     # [B, 16] float32, unit norm
-  q = encoder.embed(x, dim=16, quantize="int8")    # [B, 16] int8
-  b = encoder.embed(x, dim=16, quantize="binary")  # [B, 2] uint8, packed sign bits
+  q = encoder.embed(x, dim=16, quantize="int8")     # [B, 16] int8, calibrated per dim
+  b = encoder.embed(x, dim=16, quantize="ubinary")  # [B, 2] uint8, packed sign bits
   t = text_encoder.embed(["a query", "a doc"], dim=64)   # text bundles take strings
+  every = text_encoder.embed(texts, dims=[8, 64])        # {dim: array}, one forward pass
 
-Each call runs one jitted forward, truncates the embedding to ``dim`` and THEN
-L2-normalises it (:func:`mrl_jax.ops.truncate_normalize`). Batches of any size
+Each call runs the jitted encoder once per chunk, truncates the full embedding to
+``dim`` and THEN L2-normalises it (:func:`mrl_jax.ops.truncate_normalize`); codes
+follow sentence-transformers' ``quantize_embeddings`` (:func:`mrl_jax.ops.quantize`).
+Batches of any size
 are padded to one of a few fixed sizes (and texts to a few lengths), so the
 number of compiled programs does not grow with the inputs seen. A text bundle
 is a sentence-transformers folder: ``SentenceTransformer(path, truncate_dim=m)``

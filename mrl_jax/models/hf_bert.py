@@ -8,20 +8,25 @@ text-embeddings-inference and vLLM load, and that
   out_dir/
     config.json                        Hugging Face BertModel config, plus
                                        "is_matryoshka" and "matryoshka_dimensions"
-    model.safetensors                  float32 tensors with Hugging Face BERT names
+    model.safetensors                  float32 tensors with Hugging Face BERT names,
+                                       the BertModel pooler included
     tokenizer.json                     the tokenizers library's own file
     tokenizer_config.json              transformers' tokenizer settings
     special_tokens_map.json
     vocab.txt                          WordPiece vocabularies only, one token a line
     modules.json                       Transformer -> Pooling (-> Normalize)
     1_Pooling/config.json              pooling mode and embedding width
-    sentence_bert_config.json          max_seq_length, do_lower_case
-    config_sentence_transformers.json  versions, prompts, similarity function
+    2_Normalize/config.json            the Normalize module's folder (when normalize)
+    sentence_bert_config.json          max_seq_length (the SERVED length), do_lower_case
+    config_sentence_transformers.json  versions, prompts, similarity function, dims
+    README.md                          the model card (when given; mrl_jax.model_card)
     mrl_jax.json                       mrl_jax's own metadata (only when given)
 
 The file names and keys are those of the all-MiniLM-L6-v2 folder (the classic
 sentence-transformers layout that every release 2.x-6.x, text-embeddings-inference
-and vLLM read). vLLM accepts a ``dimensions`` request only for a config with
+and vLLM read) plus every module folder that sentence-transformers 6.3's
+``save()`` writes; 6.3 loads it without a warning (tests/data/make_st_reference.py).
+vLLM accepts a ``dimensions`` request only for a config with
 ``is_matryoshka: true`` and checks it against ``matryoshka_dimensions``.
 
 Everything is data: JSON and safetensors, never a pickle; reading a folder runs

@@ -1,0 +1,251 @@
+"""One config schema for every task, validated once at the boundary.
+
+Every config has the shared fields of :func:`base_config` (the task, the
+nesting, the optimiser, the batch, the mesh, checkpoints); a task adds its
+own (data, model) and checks them in its ``validate``. Everything downstream
+reads the config returned by :func:`validate_config` and may trust it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from mrl_jax.nesting import Nesting, default_dims
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("warmup_linear", "warmup_cosine", "constant")
+BEST_MODES = ("max", "min")
+
+
+def base_config(task: str) -> ml_collections.ConfigDict:
+  """The fields every task shares, with their defaults; task configs add their own.
+
+  ``nesting.dims`` may be given in any order (sentence-transformers' users write
+  ``(768, 512, 256, 128, 64)``); it is stored ascending, weights kept aligned.
+  """
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.seed = 0
+  # The embedding is encoder.embed_dim wide for every task (None: the pretrained model's).
+  config.encoder = ml_collections.ConfigDict(dict(embed_dim=placeholder(int)))
+  config.nesting = ml_collections.ConfigDict(
+      # dims None: powers of two from `start` up to encoder.embed_dim.
+      dict(dims=placeholder(tuple), start=8, weights=placeholder(tuple)))
+  config.half_precision = False
+
+  # Optimisation (mrl_jax.optim).
+  config.optimizer = "adamw"
+  config.learning_rate = 1e-3  # peak
+  config.learning_rate_batch_size = placeholder(int)  # if set, lr scales by batch_size / this
+  config.momentum = 0.9  # sgd only
+  config.weight_decay = 1e-4  # never applied to biases or normalisation scales
+  config.schedule = "warmup_cosine"
+  config.warmup_steps = 100
+  config.warmup_epochs = placeholder(float)  # if set, overrides warmup_steps
+  config.batch_size = 128  # global, over all devices and hosts
+  config.num_train_steps = placeholder(int)
+  config.num_epochs = placeholder(float)  # alternative to num_train_steps
+
+  # Scale-out (mrl_jax.sharding): a ("data", "fsdp") mesh; -1 takes the remaining devices.
+  config.mesh_shape = (-1, 1)  # data parallel; e.g. (2, 4) also splits large arrays over 4
+  config.fsdp_min_size = 2**16  # with fsdp > 1: arrays of at least this many elements are split
+
+  # Bookkeeping.
+  config.log_every_steps = 100
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 1000
+  config.max_to_keep = 2  # >= 1: the latest checkpoints kept (plus the best one)
+  config.async_checkpointing = True  # write checkpoints in the background
+  config.best_metric = placeholder(str)  # e.g. "top1/dim_8": also keep the best eval step
+  config.best_mode = "max"  # or "min" (for a loss)
+  return config
+
+
+@contextlib.contextmanager
+def _importable_from(directory: str):
+  """Let a config file import its sibling configs (``from configs import digits_mlp``)."""
+  sys.path.insert(0, directory)
+  try:
+    yield
+  finally:
+    with contextlib.suppress(ValueError):
+      sys.path.remove(directory)
+
+
+def load_config_file(path: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file (e.g. ``configs/digits_mlp.py``), then ``overrides``.
+
+  The programmatic twin of ``--config=path --config.FIELD=VALUE`` for notebooks
+  and scripts. Nested fields are overridden with dicts:
+  ``load_config_file(p, encoder={"embed_dim": 32})``. The folder above the
+  file's folder is importable while it loads, so configs may import each other.
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ValueError: an override names a field the config does not have.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file at {path}")
+  spec = importlib.util.spec_from_file_location(
+      f"mrl_jax_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+  module = importlib.util.module_from_spec(spec)
+  with _importable_from(os.path.dirname(os.path.dirname(path))):
+    spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in overrides.items():
+    if key not in config:
+      raise ValueError(f"config has no field {key!r}; fields: {sorted(config.keys())}")
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int | None = None) -> ml_collections.ConfigDict:
+  """Check ``config`` and return a locked copy with derived fields filled in.
+
+  Shared fields are checked here, then the task's own by its ``validate``
+  (which also derives ``encoder.embed_dim`` and the nesting when they are None).
+
+  Args:
+    config: a config from one of the ``configs/*.py`` files.
+    num_devices: number of devices in the mesh; the global batch must divide
+      evenly over them.
+
+  Raises:
+    ValueError: naming the offending field and value (``config.NAME=value``).
+  """
+  from mrl_jax import tasks  # tasks import this module
+
+  config = ml_collections.ConfigDict(config.to_dict())  # a mutable copy
+  if "task" not in config:
+    raise ValueError(f"config.task is missing; choose one of {tasks.task_names()}")
+  task = tasks.get_task(config.task)
+  _check_shared(config, num_devices)
+  task.validate(config)
+  if config.encoder.get("embed_dim") is None:
+    raise ValueError(f"the {config.task!r} task did not set config.encoder.embed_dim")
+  config.lock()
+  return config
+
+
+def _check_shared(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  if config.optimizer not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer={config.optimizer!r}; choose one of {OPTIMIZERS}")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"config.schedule={config.schedule!r}; choose one of {SCHEDULES}")
+  non_negative(config.learning_rate, "learning_rate")
+  non_negative(config.weight_decay, "weight_decay")
+  if not (_is_number(config.momentum) and 0.0 <= config.momentum < 1.0):
+    raise ValueError(f"config.momentum={config.momentum!r} must be in [0, 1)")
+  if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int) \
+      or config.warmup_steps < 0:
+    raise ValueError(f"config.warmup_steps={config.warmup_steps!r} must be an int >= 0")
+  if config.get("warmup_epochs") is not None:
+    non_negative(config.warmup_epochs, "warmup_epochs")
+  if config.get("learning_rate_batch_size") is not None:
+    positive_int(config.learning_rate_batch_size, "learning_rate_batch_size")
+  batch = positive_int(config.batch_size, "batch_size")
+  if num_devices and batch % num_devices:
+    raise ValueError(f"config.batch_size={batch} does not divide evenly over {num_devices} "
+                     "devices")
+  if config.num_train_steps is None and config.num_epochs is None:
+    raise ValueError("set config.num_train_steps or config.num_epochs")
+  if config.num_train_steps is not None:
+    positive_int(config.num_train_steps, "num_train_steps")
+    config.num_epochs = None  # a step count that is set wins (--config.num_train_steps=N)
+  else:
+    if not (_is_number(config.num_epochs) and math.isfinite(config.num_epochs)
+            and config.num_epochs > 0):
+      raise ValueError(f"config.num_epochs={config.num_epochs!r} must be a positive number")
+  for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_to_keep",
+               "fsdp_min_size"):
+    positive_int(config[name], name)
+  if config.best_mode not in BEST_MODES:
+    raise ValueError(f"config.best_mode={config.best_mode!r}; choose one of {BEST_MODES}")
+
+
+def fill_nesting(config: ml_collections.ConfigDict, embed_dim: int) -> Nesting:
+  """Set ``config.encoder.embed_dim`` and the validated, ascending ``config.nesting``.
+
+  Raises:
+    ValueError: naming ``config.nesting`` and the problem (a dim above
+      ``embed_dim``, a duplicate, a non-finite weight, ...).
+  """
+  config.encoder.embed_dim = positive_int(embed_dim, "encoder.embed_dim")
+  dims = config.nesting.dims
+  try:
+    if dims is None:
+      dims = default_dims(embed_dim, start=config.nesting.get("start", 8))
+    nesting = Nesting(tuple(dims), config.nesting.weights, embed_dim=embed_dim)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.nesting: {e}") from None
+  config.nesting.dims = nesting.dims
+  config.nesting.weights = nesting.weights
+  return nesting
+
+
+def nesting_of(config: ml_collections.ConfigDict) -> Nesting:
+  """The validated :class:`Nesting` of a config passed through :func:`validate_config`."""
+  return Nesting(tuple(config.nesting.dims), config.nesting.weights,
+                 embed_dim=config.encoder.embed_dim)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """A stable JSON rendering (tuples become lists) for metadata and comparisons."""
+  return json.dumps(plain(config.to_dict()), sort_keys=True, indent=1)
+
+
+def plain(x: Any) -> Any:
+  """A JSON-able copy: tuples become lists, unknown objects their str()."""
+  if isinstance(x, dict):
+    return {str(k): plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [plain(v) for v in x]
+  if isinstance(x, (str, int, float, bool)) or x is None:
+    return x
+  return str(x)
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def positive_int(value: Any, name: str) -> int:
+  """``value`` if it is an int >= 1, else a ValueError naming ``config.<name>``."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+  return value
+
+
+def non_negative(value: Any, name: str) -> float:
+  """``value`` if it is a finite number >= 0, else a ValueError naming ``config.<name>``."""
+  if not (_is_number(value) and math.isfinite(value) and value >= 0):
+    raise ValueError(f"config.{name} must be a finite number >= 0, got {value!r}")
+  return float(value)
+
+
+def probability(value: Any, name: str) -> float:
+  """``value`` if it is a number in [0, 1), else a ValueError naming ``config.<name>``."""
+  if not (_is_number(value) and 0.0 <= value < 1.0):
+    raise ValueError(f"config.{name}={value!r} must be in [0, 1)")
+  return float(value)
+
+
+def choice(value: Any, name: str, choices: tuple) -> Any:
+  """``value`` if it is one of ``choices``, else a ValueError naming ``config.<name>``."""
+  if value not in choices:
+    raise ValueError(f"config.{name}={value!r}; choose one of {choices}")
+  return value

@@ -1,0 +1,156 @@
+"""The one truncate-then-normalise of the library, and quantisation of its output.
+
+Every serving and evaluation path goes through :func:`truncate_normalize`:
+truncate to the first ``dim`` coordinates, THEN divide by the L2 norm
+(normalising first and truncating after gives vectors that are not unit
+length, the most reported bug of serving stacks; Kusupati et al. 2022 §3 and
+sentence-transformers' ``truncate_dim``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORM_EPS = 1e-12
+# sentence-transformers' ``quantize_embeddings`` precisions (same names, same codes), plus
+# mrl_jax's fixed-range int8 rule under its own name.
+QUANTIZATIONS = (None, "int8", "int8_symmetric", "binary", "ubinary")
+# The kinds whose codes depend on calibration ranges (``int8_ranges``).
+CALIBRATED = ("int8",)
+
+
+def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool = True,
+                       eps: float = NORM_EPS) -> jax.Array:
+  """``z[..., :dim] / max(||z[..., :dim]||_2, eps)`` in float32.
+
+  Args:
+    z: embeddings ``[..., D]`` (any float dtype).
+    dim: the prefix size ``1 <= dim <= D`` (None: all of ``D``).
+    normalize: divide by the L2 norm (False: truncate only).
+    eps: floor of the norm, so an all-zero row stays zero instead of NaN.
+
+  Returns:
+    float32 ``[..., dim]``.
+
+  Raises:
+    ValueError: ``dim`` outside ``1..D``.
+  """
+  width = z.shape[-1]
+  if dim is None:
+    dim = width
+  if isinstance(dim, bool) or not 1 <= int(dim) <= width:
+    raise ValueError(f"dim={dim!r} must be an int in [1, {width}]")
+  z = jnp.asarray(z, jnp.float32)[..., :int(dim)]
+  if normalize:
+    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), eps)
+  return z
+
+
+def int8_ranges(calibration) -> tuple[np.ndarray, np.ndarray]:
+  """Per-dimension ``(starts, steps)`` of sentence-transformers' calibrated int8.
+
+  ``starts = min(c, axis=0)``, ``steps = (max(c, axis=0) - starts) / 255`` over the
+  calibration embeddings ``c``, a zero step (a constant dimension) replaced by 1
+  (sentence-transformers 6.3's ``quantize_embeddings(..., precision="int8",
+  calibration_embeddings=c)``; without ``c`` it takes the ranges of the embeddings
+  being quantised).
+
+  Args:
+    calibration: float ``[N, m]`` embeddings, ``N >= 1``, finite.
+
+  Returns:
+    float32 ``starts [m]`` and ``steps [m]``.
+
+  Raises:
+    ValueError: ``calibration`` is not a finite 2-D float array with a row.
+  """
+  c = np.asarray(calibration)
+  if c.ndim != 2 or not len(c) or c.dtype.kind != "f":
+    raise ValueError(f"calibration embeddings must be float [N >= 1, m], got dtype {c.dtype} "
+                     f"and shape {c.shape}")
+  if not np.isfinite(c).all():
+    raise ValueError("calibration embeddings hold NaN or inf")
+  c = c.astype(np.float32)
+  starts = c.min(axis=0)
+  steps = (c.max(axis=0) - starts) / np.float32(255)
+  return starts, np.where(steps == 0, np.float32(1), steps).astype(np.float32)
+
+
+def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True,
+             ranges: tuple[Any, Any] | None = None) -> jax.Array:
+  """Float embeddings ``[..., m]`` -> codes, with sentence-transformers' names and rules.
+
+  As ``sentence_transformers.quantization.quantize_embeddings(z, precision=kind)``:
+
+  * ``None``: unchanged float32.
+  * ``"int8"``: per dimension ``clip(floor((z - starts) / steps), 0, 255) - 128`` as
+    int8 ``[..., m]`` (sentence-transformers 6.3; values outside the calibrated range
+    saturate), with ``(starts, steps) = ranges`` (:func:`int8_ranges` of calibration
+    embeddings; default: :func:`int8_ranges` of the rows of ``z`` itself, as
+    sentence-transformers does without ``calibration_embeddings``). Releases before
+    6.3 cast ``(z - starts) / steps - 128`` directly (toward zero, wrapping), which
+    gives codes one lower for most values.
+  * ``"int8_symmetric"``: mrl_jax's fixed-range rule for unit-norm rows,
+    ``clip(round(127 z), -127, 127)`` int8 ``[..., m]`` (no calibration; integer
+    dot products approximate cosines).
+  * ``"ubinary"``: the sign bits ``z > 0`` packed big-endian into uint8
+    ``[..., ceil(m / 8)]`` (``np.packbits``).
+  * ``"binary"``: ``ubinary - 128`` as int8 ``[..., ceil(m / 8)]`` (the same bits,
+    offset; Hamming distances are equal).
+
+  A NaN would quantise to a valid-looking but meaningless code: called on a
+  concrete array, rows with a NaN or inf are refused; under ``jit`` the values
+  cannot be inspected, so check the inputs first (as
+  :meth:`mrl_jax.inference.Encoder.embed` does). ``check_finite=False`` is for
+  callers that have checked already.
+
+  Raises:
+    ValueError: ``kind`` is not one of :data:`QUANTIZATIONS`, ``ranges`` given for
+      another kind or not two ``[m]`` arrays, or (outside ``jit``) ``z`` has rows
+      with a NaN or inf (naming them).
+  """
+  if kind not in QUANTIZATIONS:
+    raise ValueError(f"quantize={kind!r}; choose one of {QUANTIZATIONS}")
+  if ranges is not None and kind not in CALIBRATED:
+    raise ValueError(f"ranges (calibration) apply to quantize in {CALIBRATED}, not {kind!r}")
+  if check_finite and kind is not None and not isinstance(z, jax.core.Tracer) and np.size(z):
+    values = np.atleast_1d(np.asarray(z))
+    bad = np.flatnonzero(~np.isfinite(values.reshape(-1, values.shape[-1])).all(axis=1))
+    if bad.size:
+      raise ValueError(f"cannot quantise non-finite embeddings: rows {bad[:10].tolist()} of z "
+                       f"(as [-1, {values.shape[-1]}]) hold NaN or inf")
+  if kind == "int8" and not isinstance(z, jax.core.Tracer):
+    # Concrete values: numpy's float32 arithmetic, bit for bit sentence-transformers' own
+    # (XLA may fuse the division differently and move a value across a code boundary).
+    z = np.asarray(z, np.float32)
+    starts, steps = int8_ranges(z.reshape(-1, z.shape[-1])) if ranges is None else (
+        np.asarray(r, np.float32) for r in ranges)
+    if starts.shape != (z.shape[-1],) or steps.shape != (z.shape[-1],):
+      raise ValueError(f"ranges must be two [{z.shape[-1]}] arrays (starts, steps), got "
+                       f"shapes {starts.shape} and {steps.shape}")
+    return jnp.asarray((np.clip(np.floor((z - starts) / steps), 0, 255) - 128).astype(np.int8))
+  if kind == "int8":
+    z = jnp.asarray(z, jnp.float32)
+    if ranges is None:
+      flat = z.reshape(-1, z.shape[-1])
+      starts = flat.min(axis=0)
+      steps = (flat.max(axis=0) - starts) / 255.0
+      steps = jnp.where(steps == 0, 1.0, steps)
+    else:
+      starts, steps = (jnp.asarray(r, jnp.float32) for r in ranges)
+      if starts.shape != (z.shape[-1],) or steps.shape != (z.shape[-1],):
+        raise ValueError(f"ranges must be two [{z.shape[-1]}] arrays (starts, steps), got "
+                         f"shapes {starts.shape} and {steps.shape}")
+    codes = jnp.clip(jnp.floor((z - starts) / steps), 0, 255) - 128.0
+    return codes.astype(jnp.int8)
+  if kind == "int8_symmetric":
+    return jnp.clip(jnp.round(z * 127.0), -127, 127).astype(jnp.int8)
+  if kind == "ubinary":
+    return jnp.packbits(z > 0, axis=-1)
+  if kind == "binary":
+    return (jnp.packbits(z > 0, axis=-1).astype(jnp.int16) - 128).astype(jnp.int8)
+  return z
