@@ -39,7 +39,7 @@ def _rank_metrics(rank: np.ndarray, score: str) -> dict[str, float]:
   rel = np.zeros((len(rank), k))  # binary relevance of the top k, best first
   hit = rank <= k
   rel[np.flatnonzero(hit), rank[hit] - 1] = 1.0
-  one = np.ones(len(rank))
+  one = np.ones(len(rank), np.int64)
   out = {}
   for cut in RETRIEVAL_KS:
     # One relevant document per query: accuracy@k (a hit in the top k) = recall@k.
