@@ -4,13 +4,16 @@ sentence-transformers' ``quantize_embeddings(x, precision="int8",
 calibration_embeddings=c)`` maps each dimension's range over ``c`` onto the 256
 int8 codes (:func:`mrl_jax.ops.int8_ranges`). The range of a dimension depends on
 the prefix size (each prefix is L2-normalised after truncation), so a bundle
-stores one ``(starts, steps)`` pair per nesting dim, computed at export from
-calibration embeddings (training texts). :meth:`mrl_jax.inference.Encoder.embed`
+stores one ``ranges [2, m]`` array (min row, max row: sentence-transformers' own
+``ranges=`` argument) per nesting dim, computed at export from calibration
+embeddings (training texts). :meth:`mrl_jax.inference.Encoder.embed`
 uses them for ``quantize="int8"``: the codes of every query and document then
 share one scale, as an index needs.
 
-Layout: tensors ``dim_<m>.starts`` and ``dim_<m>.steps`` (float32 ``[m]``); the
-file is data (safetensors), hashed in ``mrl_jax.json`` like every bundle file.
+Layout: one float32 tensor ``dim_<m>`` ``[2, m]`` per dim, so
+``quantize_embeddings(z, precision="int8", ranges=load_file(f)[f"dim_{m}"])`` gives the
+same codes; the file is data (safetensors), hashed in ``mrl_jax.json`` like every
+bundle file.
 """
 
 from __future__ import annotations
@@ -25,11 +28,10 @@ from mrl_jax import ops
 from mrl_jax.fileio import BundleError
 
 INT8_RANGES_FILE = "int8_ranges.safetensors"
-_NAME = re.compile(r"dim_([1-9][0-9]*)\.(starts|steps)")
+_NAME = re.compile(r"dim_([1-9][0-9]*)")
 
 
-def int8_ranges_per_dim(embeddings, dims: Sequence[int]) -> dict[int, tuple[np.ndarray,
-                                                                              np.ndarray]]:
+def int8_ranges_per_dim(embeddings, dims: Sequence[int]) -> dict[int, np.ndarray]:
   """``{m: int8_ranges(truncate_normalize(embeddings, m))}`` for every ``m`` in ``dims``.
 
   Args:
@@ -41,30 +43,28 @@ def int8_ranges_per_dim(embeddings, dims: Sequence[int]) -> dict[int, tuple[np.n
           for m in dims}
 
 
-def write_int8_ranges(out_dir: str, ranges: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> str:
-  """Write ``ranges`` (``{m: (starts [m], steps [m])}``) to ``out_dir/int8_ranges.safetensors``."""
+def write_int8_ranges(out_dir: str, ranges: Mapping[int, np.ndarray]) -> str:
+  """Write ``{m: ranges [2, m]}`` to ``out_dir/int8_ranges.safetensors``; returns its path."""
   from safetensors.numpy import save_file
 
   tensors = {}
-  for m, (starts, steps) in ranges.items():
-    starts, steps = np.asarray(starts, np.float32), np.asarray(steps, np.float32)
-    if starts.shape != (m,) or steps.shape != (m,) or not (
-        np.isfinite(starts).all() and np.isfinite(steps).all()):
-      raise ValueError(f"int8 ranges of dim {m} must be finite [{m}] arrays, got shapes "
-                       f"{starts.shape} and {steps.shape}")
-    tensors[f"dim_{m}.starts"], tensors[f"dim_{m}.steps"] = starts, steps
+  for m, r in ranges.items():
+    r = np.asarray(r, np.float32)
+    if r.shape != (2, m) or not np.isfinite(r).all():
+      raise ValueError(f"int8 ranges of dim {m} must be finite [2, {m}], got shape {r.shape}")
+    tensors[f"dim_{m}"] = np.ascontiguousarray(r)
   path = os.path.join(out_dir, INT8_RANGES_FILE)
   save_file(tensors, path)
   os.chmod(path, os.stat(out_dir).st_mode & 0o666)  # safetensors writes 0600
   return path
 
 
-def read_int8_ranges(path: str, embed_dim: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def read_int8_ranges(path: str, embed_dim: int) -> dict[int, np.ndarray]:
   """The ranges stored in a bundle (``{}`` when it has no ``int8_ranges.safetensors``).
 
   Raises:
     BundleError: naming the file when it is unreadable, has unknown tensor names,
-      a dim above ``embed_dim``, a missing half, wrong shapes or non-finite values.
+      a dim above ``embed_dim``, wrong shapes or dtypes, or non-finite values.
   """
   file = os.path.join(path, INT8_RANGES_FILE)
   if not os.path.lexists(file):
@@ -75,18 +75,15 @@ def read_int8_ranges(path: str, embed_dim: int) -> dict[int, tuple[np.ndarray, n
     tensors = load_file(file)
   except Exception as e:  # safetensors raises its own error types
     raise BundleError(f"{file} is not a readable safetensors file: {e}") from None
-  parts: dict[int, dict[str, np.ndarray]] = {}
-  for name, value in tensors.items():
+  out = {}
+  for name, value in sorted(tensors.items()):
     match = _NAME.fullmatch(name)
     if not match or int(match.group(1)) > embed_dim:
-      raise BundleError(f"{file}: unexpected tensor {name!r} (want dim_<m>.starts / "
-                        f".steps with m <= {embed_dim})")
-    parts.setdefault(int(match.group(1)), {})[match.group(2)] = value
-  out = {}
-  for m, pair in sorted(parts.items()):
-    if set(pair) != {"starts", "steps"} or any(
-        v.shape != (m,) or v.dtype != np.float32 or not np.isfinite(v).all()
-        for v in pair.values()):
-      raise BundleError(f"{file}: dim {m} needs finite float32 [{m}] starts and steps")
-    out[m] = (pair["starts"], pair["steps"])
+      raise BundleError(f"{file}: unexpected tensor {name!r} (want dim_<m> with m <= "
+                        f"{embed_dim})")
+    m = int(match.group(1))
+    if value.shape != (2, m) or value.dtype != np.float32 or not np.isfinite(value).all():
+      raise BundleError(f"{file}: {name} must be finite float32 [2, {m}] (min, max rows), got "
+                        f"{value.dtype} {value.shape}")
+    out[m] = value
   return out

@@ -87,7 +87,7 @@ class Encoder:
                heads: Callable | None = None,
                batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                prompts: dict[str, str] | None = None, default_prompt_name: str | None = None,
-               int8_ranges: dict[int, tuple[np.ndarray, np.ndarray]] | None = None):
+               int8_ranges: dict[int, np.ndarray] | None = None):
     sizes = tuple(int(b) for b in batch_sizes)
     if not sizes or any(b < 1 for b in sizes) or list(sizes) != sorted(set(sizes)):
       raise ValueError(f"batch_sizes must be increasing positive ints, got {batch_sizes!r}")

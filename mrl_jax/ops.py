@@ -50,20 +50,15 @@ def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool 
   return z
 
 
-def int8_ranges(calibration) -> tuple[np.ndarray, np.ndarray]:
-  """Per-dimension ``(starts, steps)`` of sentence-transformers' calibrated int8.
+def int8_ranges(calibration) -> np.ndarray:
+  """sentence-transformers' int8 ``ranges`` of calibration embeddings: ``[2, m]`` float32.
 
-  ``starts = min(c, axis=0)``, ``steps = (max(c, axis=0) - starts) / 255`` over the
-  calibration embeddings ``c``, a zero step (a constant dimension) replaced by 1
-  (sentence-transformers 6.3's ``quantize_embeddings(..., precision="int8",
-  calibration_embeddings=c)``; without ``c`` it takes the ranges of the embeddings
-  being quantised).
+  Row 0 is ``min(c, axis=0)``, row 1 ``max(c, axis=0)``: the array that
+  ``quantize_embeddings(..., precision="int8", ranges=...)`` takes and that it
+  computes from ``calibration_embeddings=c`` (or from the embeddings themselves).
 
   Args:
     calibration: float ``[N, m]`` embeddings, ``N >= 1``, finite.
-
-  Returns:
-    float32 ``starts [m]`` and ``steps [m]``.
 
   Raises:
     ValueError: ``calibration`` is not a finite 2-D float array with a row.
@@ -74,14 +69,20 @@ def int8_ranges(calibration) -> tuple[np.ndarray, np.ndarray]:
                      f"and shape {c.shape}")
   if not np.isfinite(c).all():
     raise ValueError("calibration embeddings hold NaN or inf")
-  c = c.astype(np.float32)
-  starts = c.min(axis=0)
-  steps = (c.max(axis=0) - starts) / np.float32(255)
-  return starts, np.where(steps == 0, np.float32(1), steps).astype(np.float32)
+  return np.vstack((c.min(axis=0), c.max(axis=0))).astype(np.float32)
+
+
+def _starts_steps(ranges, m: int, xp):
+  """``ranges [2, m]`` -> ``(starts, steps)``, a zero step (constant dimension) made 1."""
+  ranges = xp.asarray(ranges, xp.float32)
+  if ranges.shape != (2, m):
+    raise ValueError(f"ranges must be [2, {m}] (min row, max row), got shape {ranges.shape}")
+  steps = (ranges[1] - ranges[0]) / xp.float32(255)
+  return ranges[0], xp.where(steps == 0, xp.float32(1), steps)
 
 
 def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True,
-             ranges: tuple[Any, Any] | None = None) -> jax.Array:
+             ranges: Any = None) -> jax.Array:
   """Float embeddings ``[..., m]`` -> codes, with sentence-transformers' names and rules.
 
   As ``sentence_transformers.quantization.quantize_embeddings(z, precision=kind)``:
@@ -89,8 +90,9 @@ def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True,
   * ``None``: unchanged float32.
   * ``"int8"``: per dimension ``clip(floor((z - starts) / steps), 0, 255) - 128`` as
     int8 ``[..., m]`` (sentence-transformers 6.3; values outside the calibrated range
-    saturate), with ``(starts, steps) = ranges`` (:func:`int8_ranges` of calibration
-    embeddings; default: :func:`int8_ranges` of the rows of ``z`` itself, as
+    saturate), ``starts = ranges[0]``, ``steps = (ranges[1] - ranges[0]) / 255`` (0 -> 1),
+    with ``ranges [2, m]`` sentence-transformers' own (:func:`int8_ranges` of
+    calibration embeddings; default: of the rows of ``z`` itself, as
     sentence-transformers does without ``calibration_embeddings``). Releases before
     6.3 cast ``(z - starts) / steps - 128`` directly (toward zero, wrapping), which
     gives codes one lower for most values.
@@ -127,24 +129,15 @@ def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True,
     # Concrete values: numpy's float32 arithmetic, bit for bit sentence-transformers' own
     # (XLA may fuse the division differently and move a value across a code boundary).
     z = np.asarray(z, np.float32)
-    starts, steps = int8_ranges(z.reshape(-1, z.shape[-1])) if ranges is None else (
-        np.asarray(r, np.float32) for r in ranges)
-    if starts.shape != (z.shape[-1],) or steps.shape != (z.shape[-1],):
-      raise ValueError(f"ranges must be two [{z.shape[-1]}] arrays (starts, steps), got "
-                       f"shapes {starts.shape} and {steps.shape}")
+    starts, steps = _starts_steps(int8_ranges(z.reshape(-1, z.shape[-1])) if ranges is None
+                                  else ranges, z.shape[-1], np)
     return jnp.asarray((np.clip(np.floor((z - starts) / steps), 0, 255) - 128).astype(np.int8))
   if kind == "int8":
     z = jnp.asarray(z, jnp.float32)
     if ranges is None:
       flat = z.reshape(-1, z.shape[-1])
-      starts = flat.min(axis=0)
-      steps = (flat.max(axis=0) - starts) / 255.0
-      steps = jnp.where(steps == 0, 1.0, steps)
-    else:
-      starts, steps = (jnp.asarray(r, jnp.float32) for r in ranges)
-      if starts.shape != (z.shape[-1],) or steps.shape != (z.shape[-1],):
-        raise ValueError(f"ranges must be two [{z.shape[-1]}] arrays (starts, steps), got "
-                         f"shapes {starts.shape} and {steps.shape}")
+      ranges = jnp.stack([flat.min(axis=0), flat.max(axis=0)])
+    starts, steps = _starts_steps(ranges, z.shape[-1], jnp)
     codes = jnp.clip(jnp.floor((z - starts) / steps), 0, 255) - 128.0
     return codes.astype(jnp.int8)
   if kind == "int8_symmetric":
