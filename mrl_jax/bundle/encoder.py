@@ -4,12 +4,15 @@
 
   encoder = Encoder.load("workdir/encoder")
   z = encoder.embed(x, dim=16)                     # [B, 16] float32, unit norm
-  q = encoder.embed(x, dim=16, quantize="int8")    # [B, 16] int8
-  b = encoder.embed(x, dim=16, quantize="binary")  # [B, 2] uint8, packed sign bits
+  q = encoder.embed(x, dim=16, quantize="int8")     # [B, 16] int8, calibrated per dim
+  b = encoder.embed(x, dim=16, quantize="ubinary")  # [B, 2] uint8, packed sign bits
   t = text_encoder.embed(["a query", "a doc"], dim=64)   # text bundles take strings
+  every = text_encoder.embed(texts, dims=[8, 64])        # {dim: array}, one forward pass
 
-Each call runs one jitted forward, truncates the embedding to ``dim`` and THEN
-L2-normalises it (:func:`mrl_jax.core.ops.truncate_normalize`). Batches of any size
+Each call runs the jitted encoder once per chunk, truncates the full embedding to
+``dim`` and THEN L2-normalises it (:func:`mrl_jax.core.ops.truncate_normalize`); codes
+follow sentence-transformers' ``quantize_embeddings`` (:func:`mrl_jax.core.ops.quantize`).
+Batches of any size
 are padded to one of a few fixed sizes (and texts to a few lengths), so the
 number of compiled programs does not grow with the inputs seen. A text bundle
 is a sentence-transformers folder: ``SentenceTransformer(path, truncate_dim=m)``
@@ -31,6 +34,7 @@ import numpy as np
 
 from mrl_jax import models
 from mrl_jax.bundle import artifact as export_lib
+from mrl_jax.bundle import calibration
 from mrl_jax.bundle.artifact import BundleError
 from mrl_jax.bundle.hf_folder import load_sentence_transformer
 from mrl_jax.core import ops
@@ -87,7 +91,9 @@ class Encoder:
                config: dict[str, Any], *, embed_dim: int, tokenizer: Any = None,
                num_layers: int | None = None, max_length: int | None = None,
                heads: Callable | None = None,
-               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES):
+               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+               prompts: dict[str, str] | None = None, default_prompt_name: str | None = None,
+               int8_ranges: dict[int, np.ndarray] | None = None):
     sizes = tuple(int(b) for b in batch_sizes)
     if not sizes or any(b < 1 for b in sizes) or list(sizes) != sorted(set(sizes)):
       raise ValueError(f"batch_sizes must be increasing positive ints, got {batch_sizes!r}")
@@ -101,8 +107,15 @@ class Encoder:
     self.is_matryoshka = bool(metadata["is_matryoshka"])
     self._forward = forward
     self._heads = heads
-    self._embed = jax.jit(self._embed_fn_checked, static_argnames=("dim", "normalize", "quantize",
-                                                             "layers"))
+    self.prompts = dict(prompts or {})
+    self.default_prompt_name = default_prompt_name
+    # Calibrated int8 ranges per dim (ops.int8_ranges), stored in the bundle, or None.
+    self.int8_ranges = dict(int8_ranges or {})
+    # ONE jitted program per input shape (and layer count): the encoder's full embedding
+    # and a per-row finiteness flag. Every dim, normalisation and quantisation is a cheap
+    # slice of that output, so none of them compiles the encoder again.
+    self.forward_traces = 0
+    self._forward_jit = jax.jit(self._forward_checked, static_argnames=("layers",))
 
   # --- properties -------------------------------------------------------------------
 
@@ -150,6 +163,7 @@ class Encoder:
     loader = {"image": _load_image, "text": _load_text, "embedding": _load_embedding}
     try:
       kwargs = loader[metadata["modality"]](path, config, metadata)
+      kwargs["int8_ranges"] = calibration.read_int8_ranges(path, kwargs["embed_dim"])
       return cls(variables=kwargs.pop("variables"), forward=kwargs.pop("forward"),
                  metadata=metadata, config=config, batch_sizes=batch_sizes, **kwargs)
     except BundleError:
@@ -162,18 +176,23 @@ class Encoder:
 
   def _embed_fn(self, variables, inputs, *, dim, normalize, quantize, layers):
     z = self._forward(variables, inputs, layers)
-    return ops.quantize(ops.truncate_normalize(z, dim, normalize=normalize), quantize)
+    ranges = self.int8_ranges.get(dim) if quantize == "int8" else None
+    if quantize == "int8" and ranges is None:
+      raise ValueError(f"quantize='int8' needs calibration ranges for dim={dim}; this bundle "
+                       "stores none (use int8_symmetric, or embed and quantise on the host)")
+    return ops.quantize(ops.truncate_normalize(z, dim, normalize=normalize), quantize,
+                        ranges=ranges)
 
-  def _embed_fn_checked(self, variables, inputs, *, dim, normalize, quantize, layers):
-    """:meth:`_embed_fn` plus a per-row flag: is the model's full embedding finite?"""
-    z = self._forward(variables, inputs, layers)
-    out = ops.quantize(ops.truncate_normalize(z, dim, normalize=normalize), quantize)
-    return out, jnp.all(jnp.isfinite(z), axis=-1)
+  def _forward_checked(self, variables, inputs, *, layers):
+    """The full float32 embedding ``[B, D]`` plus a per-row flag: is it finite?"""
+    self.forward_traces += 1  # runs only while jax traces: counts compiled programs
+    z = jnp.asarray(self._forward(variables, inputs, layers), jnp.float32)
+    return z, jnp.all(jnp.isfinite(z), axis=-1)
 
-  def _run(self, inputs: Any, rows: int, kwargs: dict) -> np.ndarray:
-    """One padded chunk through the jitted embed; the model's NaN/inf rows are refused
-    (quantised, they would become all-zero codes)."""
-    out, finite = self._embed(self.variables, inputs, **kwargs)
+  def _run(self, inputs: Any, rows: int, layers: int | None) -> np.ndarray:
+    """One padded chunk through the jitted encoder -> ``[rows, D]`` float32; the model's
+    NaN/inf rows are refused (quantised, they would become all-zero codes)."""
+    out, finite = self._forward_jit(self.variables, inputs, layers=layers)
     finite = np.asarray(finite)[:rows]
     if not finite.all():
       raise ValueError(f"the model produced NaN/inf embeddings for rows "
@@ -184,22 +203,27 @@ class Encoder:
   def check_dim(self, dim: int | None, allow_any_dim: bool = False) -> int:
     """``dim`` (default: the largest trained dim) after checking it is servable.
 
+    With ``allow_any_dim`` any size in ``1..embed_dim`` is served, with a warning
+    when it was not trained: an interpolated size of a Matryoshka model, or any
+    truncation of a model not trained with MRL (``is_matryoshka`` false, e.g. a
+    baseline), whose prefixes are not trained representations: an explicit opt-in.
+
     Raises:
       ValueError: listing the valid dims when ``dim`` is not a trained nesting
-        dim; with ``allow_any_dim``, when it is not in ``1..embed_dim`` or the
-        model was not trained with MRL (its prefixes are not representations).
+        dim; with ``allow_any_dim``, when it is not in ``1..embed_dim``.
     """
     if dim is None:
       return self.dims[-1]
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
       raise ValueError(f"dim must be an int, got {dim!r}; valid dims: {list(self.dims)}")
     if allow_any_dim:
-      if not self.is_matryoshka:
-        raise ValueError(f"allow_any_dim=True needs a Matryoshka model; this bundle has "
-                         f"is_matryoshka=false, so only dims {list(self.dims)} are served")
       if not 1 <= dim <= self.embed_dim:
         raise ValueError(f"dim={dim} is outside 1..{self.embed_dim} (embed_dim)")
-      if int(dim) not in self.dims:
+      if not self.is_matryoshka and int(dim) not in self.dims:
+        warnings.warn(f"dim={dim}: this model was not trained with MRL (is_matryoshka=false, "
+                      f"trained size {list(self.dims)}); its prefixes are truncations of a "
+                      "baseline, not trained representations", stacklevel=3)
+      elif int(dim) not in self.dims:
         warnings.warn(f"dim={dim} was not trained (trained: {list(self.dims)}); its quality "
                       "is interpolated, not measured", stacklevel=3)
       return int(dim)
@@ -220,10 +244,18 @@ class Encoder:
       raise ValueError(f"layers={layers!r} must be an int in [1, {self.num_layers}]")
     return None if layers == self.num_layers else int(layers)
 
-  def embed(self, inputs: Any, dim: int | None = None, *, quantize: str | None = None,
-            normalize: bool = True, allow_any_dim: bool = False,
-            layers: int | None = None) -> np.ndarray:
+  def embed(self, inputs: Any, dim: int | None = None, *, dims: Sequence[int] | None = None,
+            quantize: str | None = None, normalize: bool = True, allow_any_dim: bool = False,
+            layers: int | None = None, batch_size: int | None = None,
+            show_progress_bar: bool | None = None, prompt_name: str | None = None,
+            prompt: str | None = None, calibration_embeddings: Any = None
+            ) -> np.ndarray | dict[int, np.ndarray]:
     """Embeddings of a batch, truncated to ``dim`` and then L2-normalised.
+
+    The encoder runs once per chunk of inputs (one compiled program per padded
+    input shape); every requested dim, the normalisation and the quantisation are
+    taken from that one full-width output, so ``dims=[...]`` costs one forward pass
+    and asking for another dim or code never compiles the encoder again.
 
     Args:
       inputs: image bundles: preprocessed float inputs ``[B, *input_shape]``
@@ -234,35 +266,112 @@ class Encoder:
         Any ``B``, including 0.
       dim: a trained nesting dim (default: the largest); any size up to
         ``embed_dim`` with ``allow_any_dim=True`` (Matryoshka models only).
-      quantize: ``None``, ``"int8"`` or ``"binary"`` (:func:`mrl_jax.core.ops.quantize`).
+      dims: several dims at once (instead of ``dim``): returns ``{dim: array}``.
+      quantize: one of :data:`QUANTIZATIONS` (sentence-transformers' precisions,
+        :func:`mrl_jax.core.ops.quantize`): ``"int8"`` uses ``calibration_embeddings``,
+        else the bundle's stored ranges for that dim (:attr:`int8_ranges`), else
+        the ranges of these inputs' embeddings (as sentence-transformers).
       normalize: L2-normalise each truncated row.
       layers: text only: run the first ``layers`` Transformer layers (a model
         trained with 2-D Matryoshka).
+      batch_size: rows per forward pass (default: the largest of
+        ``batch_sizes``); smaller chunks are padded up to one of ``batch_sizes``.
+      show_progress_bar: a tqdm bar over the chunks (default: when there are at
+        least 8).
+      prompt_name: text only: prepend ``prompts[prompt_name]`` (the export's
+        ``config_sentence_transformers.json``); default: ``default_prompt_name``.
+      prompt: text only: prepend this text instead (overrides ``prompt_name``).
+      calibration_embeddings: float ``[N, >= dim]`` embeddings whose per-dim
+        ranges calibrate ``"int8"`` (truncated and normalised like the output).
 
     Returns:
-      ``[B, dim]`` float32 (or int8), or ``[B, ceil(dim / 8)]`` uint8 for ``"binary"``.
+      ``[B, dim]`` float32 (int8 for the int8 kinds), ``[B, ceil(dim / 8)]`` uint8
+      for ``"ubinary"`` / int8 for ``"binary"``; with ``dims``, ``{dim: array}``.
 
     Raises:
-      ValueError: a bad ``dim``/``quantize``/``layers``, inputs of the wrong
-        shape or type, or NaN/inf inputs (naming the rows).
+      ValueError: a bad ``dim``/``dims``/``quantize``/``layers``/``batch_size``/
+        prompt, inputs of the wrong shape or type, or NaN/inf inputs (naming the rows).
     """
-    dim = self.check_dim(dim, allow_any_dim)
+    if dims is not None and dim is not None:
+      raise ValueError("pass dim= or dims=, not both")
+    many = dims is not None
+    if many and (isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims):
+      raise ValueError(f"dims must be a non-empty sequence of ints, got {dims!r}")
+    wanted = [self.check_dim(m, allow_any_dim) for m in (dims if many else [dim])]
     if quantize not in QUANTIZATIONS:
       raise ValueError(f"quantize={quantize!r}; choose one of {QUANTIZATIONS}")
-    if quantize == "int8" and not normalize:
-      raise ValueError("int8 quantisation maps [-1, 1] to [-127, 127] and needs unit-norm "
+    if quantize == "int8_symmetric" and not normalize:
+      raise ValueError("int8_symmetric maps [-1, 1] to [-127, 127] and needs unit-norm "
                        "embeddings: use normalize=True")
+    if calibration_embeddings is not None and quantize != "int8":
+      raise ValueError("calibration_embeddings apply to quantize='int8' only")
     layers = self._check_layers(layers)
-    kwargs = dict(dim=dim, normalize=normalize, quantize=quantize, layers=layers)
-    if self.modality == "text" or (self.tokenizer is not None and _is_texts(inputs)):
-      out = self._embed_texts(inputs, kwargs)
+    sizes = self._chunk_sizes(batch_size)
+    texts = self.modality == "text" or (self.tokenizer is not None and _is_texts(inputs))
+    if texts:
+      full = self._embed_texts(self._with_prompt(inputs, prompt_name, prompt), sizes, layers,
+                               show_progress_bar)
     else:
-      out = self._embed_arrays(self._check_arrays(inputs), kwargs)
-    if out is None:
-      width = -(-dim // 8) if quantize == "binary" else dim
-      dtype = {None: np.float32, "int8": np.int8, "binary": np.uint8}[quantize]
+      if prompt_name is not None or prompt is not None:
+        raise ValueError("prompt_name= / prompt= apply to text inputs only")
+      full = self._embed_arrays(self._check_arrays(inputs), sizes, layers, show_progress_bar)
+    out = {m: self._finish(full, m, normalize, quantize, calibration_embeddings)
+           for m in wanted}
+    return out if many else out[wanted[0]]
+
+  def _finish(self, full: np.ndarray, dim: int, normalize: bool, quantize: str | None,
+              calibration: Any) -> np.ndarray:
+    """Full embeddings ``[B, D]`` -> truncated, normalised, quantised ``[B, ...]`` (host)."""
+    if not len(full):
+      width = -(-dim // 8) if quantize in ("binary", "ubinary") else dim
+      dtype = np.float32 if quantize is None else np.uint8 if quantize == "ubinary" else np.int8
       return np.zeros((0, width), dtype)
-    return out
+    z = ops.truncate_normalize(full, dim, normalize=normalize)
+    ranges = None
+    if quantize == "int8":
+      if calibration is not None:
+        c = np.asarray(calibration)
+        if c.ndim != 2 or c.shape[1] < dim:
+          raise ValueError(f"calibration_embeddings must be [N, >= {dim}], got {c.shape}")
+        ranges = ops.int8_ranges(np.asarray(ops.truncate_normalize(
+            c.astype(np.float32), dim, normalize=normalize)))
+      elif dim in self.int8_ranges and normalize:
+        ranges = self.int8_ranges[dim]
+    return np.asarray(ops.quantize(z, quantize, check_finite=False, ranges=ranges))
+
+  def _chunk_sizes(self, batch_size: int | None) -> tuple[int, ...]:
+    """The padded sizes of the chunks: ``batch_sizes`` below ``batch_size``, then it."""
+    if batch_size is None:
+      return self.batch_sizes
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+        or batch_size < 1:
+      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return tuple(b for b in self.batch_sizes if b < batch_size) + (int(batch_size),)
+
+  def _with_prompt(self, texts: Any, prompt_name: str | None, prompt: str | None) -> Any:
+    """``texts`` with the prompt prepended (as sentence-transformers' ``encode``)."""
+    if prompt is None:
+      name = prompt_name if prompt_name is not None else self.default_prompt_name
+      if name is None:
+        return texts
+      if name not in self.prompts:
+        raise ValueError(f"prompt_name={name!r} is not one of this model's prompts "
+                         f"{sorted(self.prompts)} (config_sentence_transformers.json)")
+      prompt = self.prompts[name]
+    if not isinstance(prompt, str):
+      raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt or isinstance(texts, str) or not isinstance(texts, Sequence):
+      return texts
+    return [prompt + t if isinstance(t, str) else t for t in texts]
+
+  def _progress(self, chunks: list, show: bool | None):
+    if show is None:
+      show = len(chunks) >= 8
+    if not show:
+      return chunks
+    from tqdm.auto import tqdm
+
+    return tqdm(chunks, desc="embed", unit="batch")
 
   def _check_arrays(self, x: Any) -> np.ndarray:
     x = np.asarray(x)
@@ -280,21 +389,23 @@ class Encoder:
       raise ValueError(f"inputs hold NaN or inf in rows {np.flatnonzero(bad)[:10].tolist()}")
     return x.astype(np.float32)
 
-  def _embed_arrays(self, x: np.ndarray, kwargs: dict) -> np.ndarray | None:
-    out = []
-    for start, size, padded in padded_chunks(len(x), self.batch_sizes):
+  def _embed_arrays(self, x: np.ndarray, sizes: Sequence[int], layers: int | None,
+                    show: bool | None) -> np.ndarray:
+    out = [np.zeros((0, self.embed_dim), np.float32)]
+    for start, size, padded in self._progress(padded_chunks(len(x), sizes), show):
       chunk = x[start:start + size]
       if padded > size:
         chunk = np.concatenate([chunk, np.zeros((padded - size, *x.shape[1:]), np.float32)])
-      out.append(self._run(chunk, size, kwargs))
-    return np.concatenate(out) if out else None
+      out.append(self._run(chunk, size, layers))
+    return np.concatenate(out)
 
-  def _embed_texts(self, texts: Any, kwargs: dict) -> np.ndarray | None:
+  def _embed_texts(self, texts: Any, sizes: Sequence[int], layers: int | None,
+                   show: bool | None) -> np.ndarray:
     if isinstance(texts, str) or not isinstance(texts, Sequence) \
         or not all(isinstance(t, str) for t in texts):
       raise ValueError("a text encoder embeds a list of str (one string: wrap it in a list)")
-    out = []
-    for start, size, padded in padded_chunks(len(texts), self.batch_sizes):
+    out = [np.zeros((0, self.embed_dim), np.float32)]
+    for start, size, padded in self._progress(padded_chunks(len(texts), sizes), show):
       chunk = list(texts[start:start + size]) + [""] * (padded - size)
       encodings = self.tokenizer.encode_batch(chunk)
       length = text_length_bucket(max(len(e.ids) for e in encodings), self.max_length)
@@ -304,8 +415,8 @@ class Encoder:
       for i, e in enumerate(encodings):
         n = len(e.ids)
         ids[i, :n], mask[i, :n], types[i, :n] = e.ids, e.attention_mask, e.type_ids
-      out.append(self._run((ids, mask, types), size, kwargs))
-    return np.concatenate(out) if out else None
+      out.append(self._run((ids, mask, types), size, layers))
+    return np.concatenate(out)
 
   def preprocess(self, raw: np.ndarray) -> np.ndarray:
     """Stored examples (e.g. uint8 images ``[B, H, W, C]``) -> float32 model inputs.
@@ -436,7 +547,7 @@ def _load_image(path: str, config: dict, metadata: dict) -> dict[str, Any]:
 
 def _load_text(path: str, config: dict, metadata: dict) -> dict[str, Any]:
   try:
-    bert, _ = load_sentence_transformer(path)
+    bert, info = load_sentence_transformer(path)
   except BundleError:
     raise
   except (FileNotFoundError, ValueError, OSError) as e:
@@ -457,7 +568,8 @@ def _load_text(path: str, config: dict, metadata: dict) -> dict[str, Any]:
   tokenizer = bert.tokenizer.tokenizer
   return {"variables": _single_device(bert.params), "forward": forward,
           "embed_dim": cfg.hidden_size, "tokenizer": tokenizer, "num_layers": cfg.num_layers,
-          "max_length": bert.tokenizer.max_length}
+          "max_length": bert.tokenizer.max_length, "prompts": info.prompts,
+          "default_prompt_name": info.default_prompt_name}
 
 
 def _load_embedding(path: str, config: dict, metadata: dict) -> dict[str, Any]:

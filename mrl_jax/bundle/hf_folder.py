@@ -8,20 +8,25 @@ text-embeddings-inference and vLLM load, and that
   out_dir/
     config.json                        Hugging Face BertModel config, plus
                                        "is_matryoshka" and "matryoshka_dimensions"
-    model.safetensors                  float32 tensors with Hugging Face BERT names
+    model.safetensors                  float32 tensors with Hugging Face BERT names,
+                                       the BertModel pooler included
     tokenizer.json                     the tokenizers library's own file
     tokenizer_config.json              transformers' tokenizer settings
     special_tokens_map.json
     vocab.txt                          WordPiece vocabularies only, one token a line
     modules.json                       Transformer -> Pooling (-> Normalize)
     1_Pooling/config.json              pooling mode and embedding width
-    sentence_bert_config.json          max_seq_length, do_lower_case
-    config_sentence_transformers.json  versions, prompts, similarity function
+    2_Normalize/config.json            the Normalize module's folder (when normalize)
+    sentence_bert_config.json          max_seq_length (the SERVED length), do_lower_case
+    config_sentence_transformers.json  versions, prompts, similarity function, dims
+    README.md                          the model card (when given; mrl_jax.bundle.model_card)
     mrl_jax.json                       mrl_jax's own metadata (only when given)
 
 The file names and keys are those of the all-MiniLM-L6-v2 folder (the classic
 sentence-transformers layout that every release 2.x-6.x, text-embeddings-inference
-and vLLM read). vLLM accepts a ``dimensions`` request only for a config with
+and vLLM read) plus every module folder that sentence-transformers 6.3's
+``save()`` writes; 6.3 loads it without a warning (tests/fixtures/make_st_reference.py).
+vLLM accepts a ``dimensions`` request only for a config with
 ``is_matryoshka: true`` and checks it against ``matryoshka_dimensions``.
 
 Everything is data: JSON and safetensors, never a pickle; reading a folder runs
@@ -58,14 +63,19 @@ from mrl_jax.models.text import (
 )
 from mrl_jax.tokenizer import TextTokenizer
 
+# The releases this folder was written for and checked against by loading it
+# (tests/fixtures/make_st_reference.py: sentence-transformers 6.3.0 with transformers 5.25.0,
+# torch 2.13.0 CPU, prints no warning and matches at every dim). They go in
+# config_sentence_transformers.json's "__version__" as SentenceTransformer.save() writes
+# it; sentence-transformers reads it only to warn when it is newer than the installed one.
+SENTENCE_TRANSFORMERS_VERSION = "6.3.0"
+TRANSFORMERS_VERSION = "5.25.0"
+TORCH_VERSION = "2.13.0"
 # The oldest sentence-transformers release that reads every field written here
-# (``similarity_fn_name`` arrived in 3.0; ``truncate_dim`` in 2.7). It goes in
-# config_sentence_transformers.json's "__version__", which sentence-transformers
-# reads only to warn when it is newer than the installed release.
+# (``similarity_fn_name`` arrived in 3.0; ``truncate_dim`` in 2.7).
 MIN_SENTENCE_TRANSFORMERS = "3.0.0"
-# The transformers release whose reading of this folder was checked against
-# sentence-transformers 6.2.0 (tests/fixtures/make_st_reference.py).
-TRANSFORMERS_VERSION = "5.24.0"
+POOLER_NAMES = ("pooler.dense.weight", "pooler.dense.bias")
+MODEL_CARD = "README.md"
 MRL_METADATA_FILE = "mrl_jax.json"
 POOLING_DIR = "1_Pooling"
 NORMALIZE_DIR = "2_Normalize"
@@ -77,6 +87,9 @@ _SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PA
                    "cls_token": "[CLS]", "mask_token": "[MASK]"}
 _REQUIRED_SPECIAL = ("[UNK]", "[SEP]", "[PAD]", "[CLS]")
 _ST_MODULES = "sentence_transformers.models."
+# 2_Normalize/config.json as sentence-transformers 6.3 writes it (older releases ignore it).
+_NORMALIZE_CONFIG = {"module_input_name": "sentence_embedding",
+                     "module_output_name": "sentence_embedding"}
 _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
                   "weightedmean_tokens", "lasttoken")
 
@@ -112,6 +125,69 @@ def _hf_name(path: tuple[str, ...]) -> str:
   return f"{prefix}.{'bias' if leaf == 'bias' else 'weight'}"
 
 
+def read_pooler(model_dir: str) -> dict[str, np.ndarray] | None:
+  """The BERT pooler (``pooler.dense.weight [H, H]``, ``pooler.dense.bias [H]``) of a folder.
+
+  mrl_jax's encoder never uses the pooler (sentence-transformers pools the token
+  states), but a ``BertModel`` checkpoint has one: carrying the base model's through
+  an export keeps transformers from reporting it MISSING and re-initialising it.
+
+  Args:
+    model_dir: a Hugging Face BERT folder with ``model.safetensors``.
+
+  Returns:
+    ``{name: float32 array}`` (names without a ``bert.`` prefix), or None when the
+    checkpoint has no pooler.
+
+  Raises:
+    BundleError: naming the file when it is unreadable or holds only half a pooler.
+  """
+  from safetensors import safe_open
+
+  file = os.path.join(os.fspath(model_dir), "model.safetensors")
+  try:
+    with safe_open(file, framework="numpy") as f:
+      names = {n.removeprefix("bert."): n for n in f.keys()}
+      found = {n: np.asarray(f.get_tensor(names[n]), np.float32) for n in POOLER_NAMES
+               if n in names}
+  except Exception as e:  # safetensors raises its own error types
+    raise BundleError(f"{file} is not a readable safetensors file: {type(e).__name__}: "
+                      f"{e}") from e
+  if not found:
+    return None
+  if len(found) != len(POOLER_NAMES):
+    raise BundleError(f"{file} holds {sorted(found)} but not all of {list(POOLER_NAMES)}")
+  return found
+
+
+def identity_pooler(hidden_size: int) -> dict[str, np.ndarray]:
+  """A pooler for a model that has none: identity weight, zero bias (``tanh`` of [CLS]).
+
+  Written so that transformers finds every ``BertModel`` tensor (it would otherwise
+  draw random ones and report them MISSING); no mrl_jax or sentence-transformers
+  embedding reads it.
+  """
+  return {"pooler.dense.weight": np.eye(hidden_size, dtype=np.float32),
+          "pooler.dense.bias": np.zeros((hidden_size,), np.float32)}
+
+
+def _check_pooler(pooler: Mapping[str, Any] | None, hidden_size: int) -> dict[str, np.ndarray]:
+  if pooler is None:
+    return identity_pooler(hidden_size)
+  if not isinstance(pooler, Mapping) or set(pooler) != set(POOLER_NAMES):
+    raise ValueError(f"pooler must map exactly {list(POOLER_NAMES)} to arrays, got "
+                     f"{sorted(pooler) if isinstance(pooler, Mapping) else type(pooler)}")
+  out = {}
+  for name, shape in zip(POOLER_NAMES, ((hidden_size, hidden_size), (hidden_size,)),
+                         strict=True):
+    array = np.asarray(pooler[name], np.float32)
+    if array.shape != shape or not np.isfinite(array).all():
+      raise ValueError(f"pooler[{name!r}] must be finite with shape {shape}, got "
+                       f"{array.shape}")
+    out[name] = np.ascontiguousarray(array)
+  return out
+
+
 def hf_bert_tensors(params: Any, config: BertConfig) -> dict[str, np.ndarray]:
   """:class:`TextEncoder` parameters to Hugging Face ``BertModel`` tensors.
 
@@ -130,7 +206,8 @@ def hf_bert_tensors(params: Any, config: BertConfig) -> dict[str, np.ndarray]:
   Returns:
     ``{name: float32 C-contiguous array}``, sorted by name, e.g.
     ``embeddings.word_embeddings.weight [V, H]``,
-    ``encoder.layer.0.attention.self.query.weight [H, H]``.
+    ``encoder.layer.0.attention.self.query.weight [H, H]``. (The pooler, which
+    the encoder does not have, is :func:`save_sentence_transformer`'s ``pooler``.)
 
   Raises:
     ValueError: ``params`` lacks or adds parameters, a shape differs from
@@ -248,6 +325,8 @@ def _tokenizer_files(tokenizer: Any, max_seq_length: int, vocab_size: int):
 
 
 def _modules(normalize: bool) -> list[dict]:
+  # The classic class paths: every release 2.x-6.x imports them (6.x maps them to its
+  # sentence_transformers.base.modules classes); TEI and vLLM read the folder names.
   names = [("", "Transformer"), (POOLING_DIR, "Pooling")]
   if normalize:
     names.append((NORMALIZE_DIR, "Normalize"))
@@ -293,6 +372,10 @@ def save_sentence_transformer(
     do_lower_case: bool = False,
     mrl_jax_metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    pooler: Mapping[str, Any] | None = None,
+    prompts: Mapping[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    model_card: str | None = None,
 ) -> str:
   """Write a text encoder as a complete sentence-transformers folder, atomically.
 
@@ -337,6 +420,14 @@ def save_sentence_transformer(
       argument.
     overwrite: replace an existing folder at ``out_dir`` (only one that is
       empty or holds a ``config.json`` or ``modules.json``).
+    pooler: the BERT pooler tensors to write (:func:`read_pooler` of the base
+      model); None writes :func:`identity_pooler`. Either way the checkpoint
+      holds every ``BertModel`` tensor and transformers reports nothing missing.
+    prompts: sentence-transformers' ``prompts`` (name -> text prepended to the
+      input, e.g. ``{"query": "query: "}``), in ``config_sentence_transformers.json``;
+      :meth:`mrl_jax.bundle.encoder.Encoder.embed` applies them with ``prompt_name=``.
+    default_prompt_name: a key of ``prompts`` applied when none is named, or None.
+    model_card: the ``README.md`` to write (:mod:`mrl_jax.bundle.model_card`), or None.
 
   Returns:
     The absolute path of the written folder.
@@ -371,7 +462,10 @@ def save_sentence_transformer(
                        f"{mrl_jax_metadata['matryoshka_dimensions']} differs from "
                        f"matryoshka_dimensions={list(dims)}")
     fileio.dumps_json(mrl_jax_metadata, what="mrl_jax_metadata")  # fail before writing
-  tensors = hf_bert_tensors(params, config)
+  tensors = {**hf_bert_tensors(params, config), **_check_pooler(pooler, config.hidden_size)}
+  prompts = _check_prompts(prompts, default_prompt_name)
+  if model_card is not None and not isinstance(model_card, str):
+    raise ValueError(f"model_card must be a str (Markdown), got {type(model_card).__name__}")
   tok, tokenizer_config, special, vocab_lines, pad_id = _tokenizer_files(
       tokenizer, max_seq_length, config.vocab_size)
 
@@ -404,16 +498,26 @@ def save_sentence_transformer(
     os.mkdir(path(POOLING_DIR))
     fileio.write_json(path(POOLING_DIR, "config.json"),
                       _pooling_config(pooling, config.hidden_size))
+    if normalize:  # every module folder that modules.json names exists (as save() writes)
+      os.mkdir(path(NORMALIZE_DIR))
+      fileio.write_json(path(NORMALIZE_DIR, "config.json"), _NORMALIZE_CONFIG)
     fileio.write_json(path("sentence_bert_config.json"),
                       {"max_seq_length": max_seq_length, "do_lower_case": do_lower_case})
     fileio.write_json(path("config_sentence_transformers.json"), {
-        "__version__": {"sentence_transformers": MIN_SENTENCE_TRANSFORMERS,
+        "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_VERSION,
+                        "transformers": TRANSFORMERS_VERSION, "pytorch": TORCH_VERSION,
                         "mrl_jax": _mrl_jax_version()},
-        "prompts": {},
-        "default_prompt_name": None,
+        "prompts": prompts,
+        "default_prompt_name": default_prompt_name,
         "similarity_fn_name": "cosine",
         "model_type": "SentenceTransformer",
+        # Not read by sentence-transformers (it truncates to any truncate_dim); recorded for
+        # people and tools reading this file: the dims the model was trained at.
+        "matryoshka_dimensions": list(dims),
     })
+    if model_card is not None:
+      with open(path(MODEL_CARD), "w", encoding="utf-8") as f:
+        f.write(model_card)
     if mrl_jax_metadata is not None:
       fileio.write_json(path(MRL_METADATA_FILE), mrl_jax_metadata, what="mrl_jax_metadata")
     read_sentence_transformer(tmp)  # never install a folder we cannot read back
@@ -422,6 +526,18 @@ def save_sentence_transformer(
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out_dir
+
+
+def _check_prompts(prompts: Mapping[str, str] | None,
+                   default_prompt_name: str | None) -> dict[str, str]:
+  prompts = {} if prompts is None else prompts
+  if not isinstance(prompts, Mapping) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+    raise ValueError(f"prompts must map names (str) to prompt texts (str), got {prompts!r}")
+  if default_prompt_name is not None and default_prompt_name not in prompts:
+    raise ValueError(f"default_prompt_name={default_prompt_name!r} is not a key of prompts "
+                     f"{sorted(prompts)}")
+  return dict(prompts)
 
 
 def _mrl_jax_version() -> str:
@@ -450,6 +566,8 @@ class SentenceTransformerInfo:
       ``config_sentence_transformers.json`` (sentence-transformers applies it to
       every ``encode``), or None.
     mrl_metadata: the contents of ``mrl_jax.json``, or None without one.
+    prompts: ``config_sentence_transformers.json``'s ``prompts`` (name -> text).
+    default_prompt_name: its ``default_prompt_name`` (a key of ``prompts``) or None.
   """
 
   path: str
@@ -462,6 +580,8 @@ class SentenceTransformerInfo:
   matryoshka_dimensions: tuple[int, ...]
   truncate_dim: int | None
   mrl_metadata: dict | None
+  prompts: dict = dataclasses.field(default_factory=dict)
+  default_prompt_name: str | None = None
 
 
 def read_mrl_metadata(path: str) -> dict | None:
@@ -636,6 +756,11 @@ def read_sentence_transformer(path: str) -> SentenceTransformerInfo:
     raise BundleError(f"{file('config_sentence_transformers.json')}: truncate_dim="
                       f"{truncate_dim!r} is not an int in [1, {config.hidden_size}]")
 
+  try:
+    prompts = _check_prompts(st_cfg.get("prompts"), st_cfg.get("default_prompt_name"))
+  except ValueError as e:
+    raise BundleError(f"{file('config_sentence_transformers.json')}: {e}") from None
+
   tok_json = fileio.read_json(file("tokenizer.json"))
   try:
     tok = Tokenizer.from_str(json.dumps(tok_json))
@@ -657,7 +782,8 @@ def read_sentence_transformer(path: str) -> SentenceTransformerInfo:
   return SentenceTransformerInfo(
       path=root, config=config, pooling=pooling, max_seq_length=int(max_len),
       normalize=normalize, do_lower_case=do_lower_case, is_matryoshka=is_matryoshka,
-      matryoshka_dimensions=dims, truncate_dim=truncate_dim, mrl_metadata=mrl)
+      matryoshka_dimensions=dims, truncate_dim=truncate_dim, mrl_metadata=mrl,
+      prompts=prompts, default_prompt_name=st_cfg.get("default_prompt_name"))
 
 
 def load_sentence_transformer(path: str, **kwargs: Any) -> tuple[HFBert, SentenceTransformerInfo]:

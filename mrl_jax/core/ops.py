@@ -9,12 +9,18 @@ sentence-transformers' ``truncate_dim``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 NORM_EPS = 1e-12
-QUANTIZATIONS = (None, "int8", "binary")
+# sentence-transformers' ``quantize_embeddings`` precisions (same names, same codes), plus
+# mrl_jax's fixed-range int8 rule under its own name.
+QUANTIZATIONS = (None, "int8", "int8_symmetric", "binary", "ubinary")
+# The kinds whose codes depend on calibration ranges (``int8_ranges``).
+CALIBRATED = ("int8",)
 
 
 def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool = True,
@@ -44,33 +50,100 @@ def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool 
   return z
 
 
-def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True) -> jax.Array:
-  """Unit-norm float embeddings ``[..., m]`` -> codes (as sentence-transformers' quantize).
+def int8_ranges(calibration) -> np.ndarray:
+  """sentence-transformers' int8 ``ranges`` of calibration embeddings: ``[2, m]`` float32.
 
-  ``None``: unchanged float32; ``"int8"``: ``clip(round(127 z), -127, 127)`` int8
-  ``[..., m]``; ``"binary"``: the sign bits ``z > 0`` packed big-endian into
-  uint8 ``[..., ceil(m / 8)]`` (as ``np.packbits``).
+  Row 0 is ``min(c, axis=0)``, row 1 ``max(c, axis=0)``: the array that
+  ``quantize_embeddings(..., precision="int8", ranges=...)`` takes and that it
+  computes from ``calibration_embeddings=c`` (or from the embeddings themselves).
 
-  A NaN would quantise to an all-zero code (and an inf to a saturated one), a
-  valid-looking but meaningless vector: called on a concrete array, rows with
-  a NaN or inf are refused; under ``jit`` the values cannot be inspected, so
-  check the inputs first (as :meth:`mrl_jax.bundle.encoder.Encoder.embed` does).
-  ``check_finite=False`` is for callers that have checked already.
+  Args:
+    calibration: float ``[N, m]`` embeddings, ``N >= 1``, finite.
 
   Raises:
-    ValueError: ``kind`` is not one of :data:`QUANTIZATIONS`, or (outside
-      ``jit``) ``z`` has rows with a NaN or inf (naming them).
+    ValueError: ``calibration`` is not a finite 2-D float array with a row.
+  """
+  c = np.asarray(calibration)
+  if c.ndim != 2 or not len(c) or c.dtype.kind != "f":
+    raise ValueError(f"calibration embeddings must be float [N >= 1, m], got dtype {c.dtype} "
+                     f"and shape {c.shape}")
+  if not np.isfinite(c).all():
+    raise ValueError("calibration embeddings hold NaN or inf")
+  return np.vstack((c.min(axis=0), c.max(axis=0))).astype(np.float32)
+
+
+def _starts_steps(ranges, m: int, xp):
+  """``ranges [2, m]`` -> ``(starts, steps)``, a zero step (constant dimension) made 1."""
+  ranges = xp.asarray(ranges, xp.float32)
+  if ranges.shape != (2, m):
+    raise ValueError(f"ranges must be [2, {m}] (min row, max row), got shape {ranges.shape}")
+  steps = (ranges[1] - ranges[0]) / xp.float32(255)
+  return ranges[0], xp.where(steps == 0, xp.float32(1), steps)
+
+
+def quantize(z: jax.Array, kind: str | None, *, check_finite: bool = True,
+             ranges: Any = None) -> jax.Array:
+  """Float embeddings ``[..., m]`` -> codes, with sentence-transformers' names and rules.
+
+  As ``sentence_transformers.quantization.quantize_embeddings(z, precision=kind)``:
+
+  * ``None``: unchanged float32.
+  * ``"int8"``: per dimension ``clip(floor((z - starts) / steps), 0, 255) - 128`` as
+    int8 ``[..., m]`` (sentence-transformers 6.3; values outside the calibrated range
+    saturate), ``starts = ranges[0]``, ``steps = (ranges[1] - ranges[0]) / 255`` (0 -> 1),
+    with ``ranges [2, m]`` sentence-transformers' own (:func:`int8_ranges` of
+    calibration embeddings; default: of the rows of ``z`` itself, as
+    sentence-transformers does without ``calibration_embeddings``). Releases before
+    6.3 cast ``(z - starts) / steps - 128`` directly (toward zero, wrapping), which
+    gives codes one lower for most values.
+  * ``"int8_symmetric"``: mrl_jax's fixed-range rule for unit-norm rows,
+    ``clip(round(127 z), -127, 127)`` int8 ``[..., m]`` (no calibration; integer
+    dot products approximate cosines).
+  * ``"ubinary"``: the sign bits ``z > 0`` packed big-endian into uint8
+    ``[..., ceil(m / 8)]`` (``np.packbits``).
+  * ``"binary"``: ``ubinary - 128`` as int8 ``[..., ceil(m / 8)]`` (the same bits,
+    offset; Hamming distances are equal).
+
+  A NaN would quantise to a valid-looking but meaningless code: called on a
+  concrete array, rows with a NaN or inf are refused; under ``jit`` the values
+  cannot be inspected, so check the inputs first (as
+  :meth:`mrl_jax.bundle.encoder.Encoder.embed` does). ``check_finite=False`` is for
+  callers that have checked already.
+
+  Raises:
+    ValueError: ``kind`` is not one of :data:`QUANTIZATIONS`, ``ranges`` given for
+      another kind or not two ``[m]`` arrays, or (outside ``jit``) ``z`` has rows
+      with a NaN or inf (naming them).
   """
   if kind not in QUANTIZATIONS:
     raise ValueError(f"quantize={kind!r}; choose one of {QUANTIZATIONS}")
+  if ranges is not None and kind not in CALIBRATED:
+    raise ValueError(f"ranges (calibration) apply to quantize in {CALIBRATED}, not {kind!r}")
   if check_finite and kind is not None and not isinstance(z, jax.core.Tracer) and np.size(z):
     values = np.atleast_1d(np.asarray(z))
     bad = np.flatnonzero(~np.isfinite(values.reshape(-1, values.shape[-1])).all(axis=1))
     if bad.size:
       raise ValueError(f"cannot quantise non-finite embeddings: rows {bad[:10].tolist()} of z "
                        f"(as [-1, {values.shape[-1]}]) hold NaN or inf")
+  if kind == "int8" and not isinstance(z, jax.core.Tracer):
+    # Concrete values: numpy's float32 arithmetic, bit for bit sentence-transformers' own
+    # (XLA may fuse the division differently and move a value across a code boundary).
+    z = np.asarray(z, np.float32)
+    starts, steps = _starts_steps(int8_ranges(z.reshape(-1, z.shape[-1])) if ranges is None
+                                  else ranges, z.shape[-1], np)
+    return jnp.asarray((np.clip(np.floor((z - starts) / steps), 0, 255) - 128).astype(np.int8))
   if kind == "int8":
+    z = jnp.asarray(z, jnp.float32)
+    if ranges is None:
+      flat = z.reshape(-1, z.shape[-1])
+      ranges = jnp.stack([flat.min(axis=0), flat.max(axis=0)])
+    starts, steps = _starts_steps(ranges, z.shape[-1], jnp)
+    codes = jnp.clip(jnp.floor((z - starts) / steps), 0, 255) - 128.0
+    return codes.astype(jnp.int8)
+  if kind == "int8_symmetric":
     return jnp.clip(jnp.round(z * 127.0), -127, 127).astype(jnp.int8)
-  if kind == "binary":
+  if kind == "ubinary":
     return jnp.packbits(z > 0, axis=-1)
+  if kind == "binary":
+    return (jnp.packbits(z > 0, axis=-1).astype(jnp.int16) - 128).astype(jnp.int8)
   return z

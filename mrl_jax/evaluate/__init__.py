@@ -24,6 +24,7 @@ from mrl_jax.evaluate.metrics import (
     average_precision_at_k,
     count_relevant,
     map_at_k,
+    ndcg_at_k,
     one_nn_accuracy,
     overlap_at_k,
     precision_at_k,
@@ -48,7 +49,7 @@ __all__ = [
     "count_relevant", "default_funnel", "evaluate_encoder", "evaluate_nested",
     "evaluate_text", "evaluate_workdir", "exact_search", "format_table", "hamming_search",
     "int8_search", "overlap_at_k", "pair_retrieval_per_dim", "quantize_embeddings",
-    "funnel_retrieval", "map_at_k", "nearest_neighbor_accuracy", "normalize_prefix",
+    "funnel_retrieval", "map_at_k", "ndcg_at_k", "nearest_neighbor_accuracy", "normalize_prefix",
     "one_nn_accuracy", "per_dim_accuracy", "precision_at_k", "recall_at_k", "relevance",
     "retrieval_metrics", "top_k_accuracy", "tune_thresholds",
 ]

@@ -20,8 +20,8 @@ retrieval at reduced sizes; the unsupervised measure below needs no labels):
 * :func:`pair_metrics` (supervised): ``recall@k`` and ``nDCG@k`` of held-out
   (query, document) pairs, binary relevance.
 
-``recall@k`` is :func:`mrl_jax.evaluate.metrics.recall_at_k`; ``nDCG@k``, which
-:mod:`~mrl_jax.evaluate.metrics` lacks, is :func:`ndcg_at_k` here.
+``recall@k`` is :func:`mrl_jax.evaluate.metrics.recall_at_k`, ``nDCG@k``
+:func:`mrl_jax.evaluate.metrics.ndcg_at_k`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 
 from mrl_jax.core.nesting import Nesting
 from mrl_jax.evaluate.index import PrefixIndex
-from mrl_jax.evaluate.metrics import _check_k, recall_at_k
+from mrl_jax.evaluate.metrics import ndcg_at_k, recall_at_k
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -153,35 +153,6 @@ def fit_pca(train, *, center: bool = True) -> PCA:
 
 
 # -- metrics ------------------------------------------------------------------------------
-
-
-def ndcg_at_k(rel: np.ndarray, k: int, num_relevant: np.ndarray) -> float:
-  """``nDCG@k = mean_q DCG@k / IDCG@k`` with binary relevance, over queries with ``R_q > 0``.
-
-  ``DCG@k = sum_{i<=k} rel_i / log2(i + 1)`` (rank ``i`` from 1) and
-  ``IDCG@k = sum_{i<=min(k, R_q)} 1 / log2(i + 1)``, the DCG of a perfect ranking
-  (Jarvelin and Kekalainen 2002; the BEIR / pytrec_eval ``ndcg_cut_k`` for 0/1
-  relevance). Not in :mod:`mrl_jax.evaluate.metrics`, so defined here.
-
-  Args:
-    rel: ``[Q, K]`` relevance of the ranked results, best first.
-    k: cut-off, ``<= K``.
-    num_relevant: ``[Q]`` ``R_q``, the relevant items of each query.
-
-  Returns:
-    The mean over queries with ``R_q > 0`` (float); ``nan`` if there are none.
-  """
-  _check_k(rel, k)
-  num_relevant = np.asarray(num_relevant)
-  if num_relevant.shape != (rel.shape[0],):
-    raise ValueError(f"num_relevant must be [Q]={rel.shape[0]}, got {num_relevant.shape}")
-  discount = 1.0 / np.log2(np.arange(2, k + 2))
-  dcg = np.sum(rel[:, :k] * discount, axis=1)
-  ideal = np.cumsum(discount)[np.clip(np.minimum(num_relevant, k) - 1, 0, k - 1)]
-  keep = num_relevant > 0
-  if not keep.any():
-    return float("nan")
-  return float(np.mean(dcg[keep] / ideal[keep]))
 
 
 def _search(index: PrefixIndex, queries: np.ndarray, k: int, dim: int,

@@ -6,13 +6,17 @@ one int8 per dim. :func:`quantize_embeddings` is the one definition of the codes
 mrl_jax, applied to prefixes that are already truncated and L2-normalised
 (``z = x[:m] / |x[:m]|``):
 
-* ``"binary"``: the sign bits ``z > 0`` packed big-endian into bytes, as
+The names are sentence-transformers' ``quantize_embeddings`` precisions
+(:data:`mrl_jax.core.ops.QUANTIZATIONS`); the two kinds searched here need no calibration:
+
+* ``"ubinary"``: the sign bits ``z > 0`` packed big-endian into bytes, as
   ``np.packbits(z > 0, axis=-1)``: ``uint8 [B, ceil(m / 8)]``; the unused low bits
   of the last byte are 0. Similarity: the Hamming distance
   ``popcount(a XOR b)`` (smaller is closer), equivalently the ``+-1`` inner product
   ``m - 2 * hamming``.
-* ``"int8"``: ``clip(round(127 * z), -127, 127)``: ``int8 [B, m]``. Similarity: the
-  integer dot product (larger is closer).
+* ``"int8_symmetric"``: ``clip(round(127 * z), -127, 127)``: ``int8 [B, m]``. Similarity:
+  the integer dot product (larger is closer). (sentence-transformers' ``"int8"``
+  calibrates a range per dimension instead: :func:`mrl_jax.core.ops.quantize`.)
 
 :func:`hamming_search` and :func:`int8_search` are exact top-``k`` searches over codes
 (one device; :class:`~mrl_jax.evaluate.index.PrefixIndex` uses the same kernels for
@@ -34,9 +38,9 @@ import numpy as np
 from mrl_jax.core import ops
 from mrl_jax.evaluate import knn
 
-CODE_KINDS = ("binary", "int8")
+CODE_KINDS = ("ubinary", "int8_symmetric")
 # knn kernel used to score each kind of code.
-KNN_KIND = {"binary": "hamming", "int8": "int8"}
+KNN_KIND = {"ubinary": "hamming", "int8_symmetric": "int8"}
 _EXACT_F32 = float(2**24)
 
 
@@ -87,7 +91,7 @@ def code_width(dim: int, kind: str) -> int:
   check_kind(kind)
   if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
     raise ValueError(f"dim must be a positive int, got {dim!r}")
-  return -(-int(dim) // 8) if kind == "binary" else int(dim)
+  return -(-int(dim) // 8) if kind == "ubinary" else int(dim)
 
 
 def quantize_embeddings(z, kind: str) -> jax.Array:
@@ -99,11 +103,11 @@ def quantize_embeddings(z, kind: str) -> jax.Array:
 
   Args:
     z: ``[..., m]`` float embeddings, each row truncated then L2-normalised.
-    kind: ``"binary"`` or ``"int8"``.
+    kind: ``"ubinary"`` or ``"int8_symmetric"``.
 
   Returns:
     ``uint8 [..., ceil(m / 8)]`` packed sign bits (big-endian within a byte, as
-    ``np.packbits``) for ``"binary"``; ``int8 [..., m]`` for ``"int8"``.
+    ``np.packbits``) for ``"ubinary"``; ``int8 [..., m]`` for ``"int8_symmetric"``.
 
   Raises:
     ValueError: for an unknown ``kind``, a non-float or 0-d ``z``, or (outside
@@ -142,7 +146,7 @@ def to_words(codes: jax.Array) -> jax.Array:
 
 
 def _check_codes(queries, database, kind: str, k: int):
-  want = np.uint8 if kind == "binary" else np.int8
+  want = np.uint8 if kind == "ubinary" else np.int8
   for name, x in (("queries", queries), ("database", database)):
     if np.ndim(x) != 2 or 0 in np.shape(x):
       hint = " (for one query pass codes[None, :])" if name == "queries" else ""
@@ -183,10 +187,10 @@ def _search(queries, database, k: int, kind: str, *, query_batch: int, block_siz
                   ("group_size", group_size), ("sub_batch", sub_batch)):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
       raise ValueError(f"{name} must be a positive int, got {v!r}")
-  if kind == "int8":
+  if kind == "int8_symmetric":
     check_int8_exact(queries, database)
   db = jnp.asarray(database)
-  if kind == "binary":
+  if kind == "ubinary":
     db = to_words(db)
   n, width = db.shape
   plan = knn.block_plan(n, max(group_size, min(block_size, (1 << 20) // width)), group_size)
@@ -198,7 +202,7 @@ def _search(queries, database, k: int, kind: str, *, query_batch: int, block_siz
     q = queries[lo:lo + query_batch]
     q = np.pad(q, [(0, query_batch - q.shape[0]), (0, 0)]) if q.shape[0] < query_batch else q
     q = jnp.asarray(q)
-    s, i = program(to_words(q) if kind == "binary" else q, db)
+    s, i = program(to_words(q) if kind == "ubinary" else q, db)
     out_s.append(s)
     out_i.append(i)
   num_q = queries.shape[0]
@@ -235,7 +239,7 @@ def hamming_search(queries, database, k: int, *, query_batch: int = 256,
     ValueError: for codes that are not ``uint8 [rows, W]`` with equal ``W``, or
       ``k`` outside ``[1, N]``.
   """
-  scores, ids = _search(queries, database, k, "binary", query_batch=query_batch,
+  scores, ids = _search(queries, database, k, "ubinary", query_batch=query_batch,
                         block_size=block_size, group_size=group_size, sub_batch=sub_batch)
   return (-scores).astype(np.int32), ids
 
@@ -256,6 +260,6 @@ def int8_search(queries, database, k: int, *, query_batch: int = 256, block_size
     ValueError: as :func:`hamming_search`, and for codes whose dot products float32
       cannot hold exactly (:func:`check_int8_exact`).
   """
-  scores, ids = _search(queries, database, k, "int8", query_batch=query_batch,
+  scores, ids = _search(queries, database, k, "int8_symmetric", query_batch=query_batch,
                         block_size=block_size, group_size=group_size, sub_batch=sub_batch)
   return np.rint(scores).astype(np.int32), ids

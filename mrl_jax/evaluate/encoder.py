@@ -24,7 +24,7 @@ import numpy as np
 from mrl_jax.bundle.encoder import Encoder
 from mrl_jax.data import text as text_data
 from mrl_jax.evaluate.report import evaluate_nested
-from mrl_jax.evaluate.text import evaluate_text
+from mrl_jax.evaluate.text import evaluate_text, plot_text_metrics
 
 
 def image_splits(encoder: Encoder) -> dict[str, dict[str, np.ndarray]]:
@@ -82,7 +82,9 @@ def evaluate_encoder(path: str, *, out_dir: str | None = None, **kwargs: Any) ->
     result = {"dims": list(encoder.dims), **{k: np.asarray(v).tolist()
                                             for k, v in metrics.items()}}
     os.makedirs(out_dir, exist_ok=True)
-    result["files"] = [os.path.join(out_dir, "metrics.json")]
+    plot = plot_text_metrics(metrics, encoder.dims, os.path.join(out_dir, "metrics_vs_dim.png"),
+                             label="MRL" if encoder.is_matryoshka else "baseline")
+    result["files"] = [os.path.join(out_dir, "metrics.json"), plot]
     with open(result["files"][0], "w") as f:
       json.dump(result, f, indent=1)
     return result

@@ -8,7 +8,7 @@ inner product (= cosine similarity):
   ties.
 * ``"hnsw"``: ``faiss.IndexHNSWFlat(dim, M, METRIC_INNER_PRODUCT)``, approximate;
   ``efSearch`` defaults to ``max(2 * k, 64)``.
-* binary codes (``codes="binary"``): ``faiss.IndexBinaryFlat(8 * ceil(dim / 8))``
+* binary codes (``codes="ubinary"``): ``faiss.IndexBinaryFlat(8 * ceil(dim / 8))``
   over the packed sign bits of :meth:`PrefixIndex.codes` (the unused low bits of the
   last byte are 0 on both sides, so the Hamming distance is that of the ``dim``
   bits), exact. Its results are re-ordered by (distance, id) and reported as the
@@ -44,7 +44,7 @@ def get_binary_index(index: PrefixIndex, dim: int):
   key = ("binary-flat", int(dim))
   if key not in index.faiss_indexes:
     faiss = import_faiss()
-    codes = np.ascontiguousarray(np.asarray(index.codes("binary", dim))[:index.n], np.uint8)
+    codes = np.ascontiguousarray(np.asarray(index.codes("ubinary", dim))[:index.n], np.uint8)
     fi = faiss.IndexBinaryFlat(8 * codes.shape[1])
     fi.add(codes)
     index.faiss_indexes[key] = fi
@@ -90,7 +90,7 @@ def search(index: PrefixIndex, queries, dim: int, k: int, kind: str = "flat", *,
     queries: ``[Q, Dq]`` float, ``Dq >= dim``; truncated and normalised here.
     dim: prefix size; k: results per query (``<= N``).
     kind: ``"flat"`` or ``"hnsw"``; the other arguments tune HNSW.
-    codes: ``None`` (float vectors) or ``"binary"`` (``IndexBinaryFlat``; ``kind``
+    codes: ``None`` (float vectors) or ``"ubinary"`` (``IndexBinaryFlat``; ``kind``
       must be ``"flat"``).
 
   Returns:
@@ -104,13 +104,13 @@ def search(index: PrefixIndex, queries, dim: int, k: int, kind: str = "flat", *,
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= index.n:
     raise ValueError(f"k={k!r} must be an int in [1, N={index.n}]")
   if codes is not None:
-    if codes != "binary" or kind != "flat":
+    if codes != "ubinary" or kind != "flat":
       raise ValueError(f"FAISS searches binary codes with IndexBinaryFlat only (codes='binary',"
                        f" kind='flat'), got codes={codes!r}, kind={kind!r}")
     queries = check_queries(queries, dim)
     fi = get_binary_index(index, dim)
     q = np.ascontiguousarray(np.asarray(codes_lib.quantize_embeddings(
-        normalize_prefix(np.asarray(queries, np.float32), dim), "binary")), np.uint8)
+        normalize_prefix(np.asarray(queries, np.float32), dim), "ubinary")), np.uint8)
     dist, ids = fi.search(q, k)
     order = np.lexsort((ids, dist), axis=-1)  # by distance, then id
     dist, ids = np.take_along_axis(dist, order, -1), np.take_along_axis(ids, order, -1)

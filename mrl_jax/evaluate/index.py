@@ -16,7 +16,7 @@ stage re-ranks the survivors with the first ``dims[i]`` dims and keeps the best
 one, funnel retrieval the many-stage one.
 
 Stage 0 can also scan *codes* of the ``dims[0]``-prefix instead of floats
-(``shortlist_codes="binary"`` or ``"int8"``, :mod:`mrl_jax.evaluate.codes`): the
+(``shortlist_codes="ubinary"`` or ``"int8_symmetric"``, :mod:`mrl_jax.evaluate.codes`): the
 index builds them once from the normalised prefix (``ceil(dims[0] / 8)`` or
 ``dims[0]`` bytes per vector, cached), the queries are coded the same way inside the
 search, and the scan ranks by Hamming distance or int8 dot product. Later stages
@@ -222,8 +222,8 @@ class PrefixIndex:
   def codes(self, kind: str, dim: int) -> jax.Array:
     """``[N_padded, W]`` codes of the normalised ``dim``-prefixes, cached.
 
-    ``uint8`` packed sign bits (``W = ceil(dim / 8)``) for ``"binary"``, ``int8``
-    (``W = dim``) for ``"int8"``: :func:`~mrl_jax.evaluate.codes.quantize_embeddings`
+    ``uint8`` packed sign bits (``W = ceil(dim / 8)``) for ``"ubinary"``, ``int8``
+    (``W = dim``) for ``"int8_symmetric"``: :func:`~mrl_jax.evaluate.codes.quantize_embeddings`
     of :func:`normalize_prefix`, exactly as the queries are coded.
     """
     codes_lib.check_kind(kind)
@@ -240,7 +240,7 @@ class PrefixIndex:
     key = (kind + "-words", int(dim))
     if key not in self._codes:
       c = self.codes(kind, dim)
-      self._codes[key] = jax.jit(codes_lib.to_words)(c) if kind == "binary" else c
+      self._codes[key] = jax.jit(codes_lib.to_words)(c) if kind == "ubinary" else c
     return self._codes[key]
 
   def shortlist_bytes_per_vector(self, dim: int, codes: str | None = None) -> int:
@@ -282,7 +282,7 @@ class PrefixIndex:
       dims: non-decreasing prefix sizes, one per stage.
       keeps: non-increasing counts, ``keeps[0] <= N``.
       shortlist: optional ``(scores [Q, keeps[0]], ids [Q, keeps[0]])`` for stage 0.
-      shortlist_codes: ``None`` (float stage 0), ``"binary"`` or ``"int8"`` (stage 0
+      shortlist_codes: ``None`` (float stage 0), ``"ubinary"`` or ``"int8_symmetric"`` (stage 0
         scans codes of the ``dims[0]``-prefixes, see the module docstring).
 
     Returns:
@@ -324,7 +324,7 @@ class PrefixIndex:
              codes: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` cosine search with the first ``dim`` dims (default: all).
 
-    With ``codes="binary"`` / ``"int8"`` the search ranks codes of the prefixes
+    With ``codes="ubinary"`` / ``"int8_symmetric"`` the search ranks codes of the prefixes
     (Hamming distance / int8 dot product) instead.
 
     Returns:
@@ -383,7 +383,7 @@ def _code_prefix(x: jax.Array, dim: int, kind: str) -> jax.Array:
 def _query_codes(q: jax.Array, dim: int, kind: str) -> jax.Array:
   """Queries coded as the database is (:meth:`PrefixIndex.codes`), as the scan reads them."""
   c = codes_lib.quantize_embeddings(normalize_prefix(q, dim), kind)
-  return codes_lib.to_words(c) if kind == "binary" else c
+  return codes_lib.to_words(c) if kind == "ubinary" else c
 
 
 @functools.lru_cache(maxsize=256)
@@ -416,7 +416,7 @@ def _local_cascade(q, *args, dims, keeps, external, stage0_cached, plan, n, rows
     scores, ids = knn.local_top_k(_query_codes(q, dims[0], codes), caches[1], None, n_valid,
                                   min(keeps[0], rows), plan, width, sub_batch,
                                   codes_lib.KNN_KIND[codes])
-    if codes == "binary":  # -hamming -> the +-1 inner product dims[0] - 2 * hamming
+    if codes == "ubinary":  # -hamming -> the +-1 inner product dims[0] - 2 * hamming
       scores = dims[0] + 2.0 * scores
     ids = ids + offset
     if axis is not None:

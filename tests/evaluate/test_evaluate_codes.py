@@ -43,7 +43,7 @@ def _top_by(key, k):
 def _tied_codes(n, q, width, seed, kind):
   """Codes with many exact ties: few distinct rows, shuffled."""
   rng = np.random.default_rng(seed)
-  if kind == "binary":
+  if kind == "ubinary":
     base = rng.integers(0, 256, (max(n // 7, 1), width), dtype=np.uint8)
     queries = rng.integers(0, 256, (q, width), dtype=np.uint8)
   else:
@@ -59,7 +59,7 @@ class _Identity(nn.Module):
     return x
 
 
-@pytest.mark.parametrize("kind", ["binary", "int8"])
+@pytest.mark.parametrize("kind", ["ubinary", "int8_symmetric"])
 def test_quantize_matches_the_inference_rule(kind):
   from mrl_jax.core.ops import quantize, truncate_normalize
 
@@ -73,7 +73,7 @@ def test_quantize_matches_the_inference_rule(kind):
     got = codes.quantize_embeddings(z, kind)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    ref = _np_binary(z) if kind == "binary" else _np_int8(z)
+    ref = _np_binary(z) if kind == "ubinary" else _np_int8(z)
     np.testing.assert_array_equal(np.asarray(got), ref)
   # Under jit as well (no finiteness check there).
   np.testing.assert_array_equal(jax.jit(codes.quantize_embeddings, static_argnums=1)(z, kind),
@@ -84,20 +84,20 @@ def test_quantize_refuses_bad_input():
   z = np.ones((4, 8), np.float32)
   z[2, 3] = np.nan
   with pytest.raises(ValueError, match=r"1 of 4 rows: \[2\]"):
-    codes.quantize_embeddings(z, "binary")
+    codes.quantize_embeddings(z, "ubinary")
   z[2, 3] = np.inf
   with pytest.raises(ValueError, match="non-finite"):
-    codes.quantize_embeddings(z, "int8")
+    codes.quantize_embeddings(z, "int8_symmetric")
   with pytest.raises(ValueError, match="code kind"):
     codes.quantize_embeddings(np.ones((2, 8), np.float32), "int4")
   with pytest.raises(ValueError, match="float embeddings"):
-    codes.quantize_embeddings(np.ones((2, 8), np.int32), "binary")
+    codes.quantize_embeddings(np.ones((2, 8), np.int32), "ubinary")
 
 
 @pytest.mark.parametrize("n,width,k", [(1, 2, 1), (7, 3, 7), (611, 2, 10), (611, 5, 25),
                                        (300, 8, 12)])
 def test_hamming_search_matches_numpy_with_ties(n, width, k):
-  queries, db = _tied_codes(n, 13, width, seed=n + width, kind="binary")
+  queries, db = _tied_codes(n, 13, width, seed=n + width, kind="ubinary")
   dist, ids = codes.hamming_search(queries, db, k, **TILES)
   want_d, want_i = _top_by(_hamming(queries, db), k)
   np.testing.assert_array_equal(ids, want_i)
@@ -107,7 +107,7 @@ def test_hamming_search_matches_numpy_with_ties(n, width, k):
 
 @pytest.mark.parametrize("n,width,k", [(5, 3, 5), (611, 4, 10), (400, 16, 30)])
 def test_int8_search_matches_numpy_with_ties(n, width, k):
-  queries, db = _tied_codes(n, 11, width, seed=n, kind="int8")
+  queries, db = _tied_codes(n, 11, width, seed=n, kind="int8_symmetric")
   dots, ids = codes.int8_search(queries, db, k, **TILES)
   want_d, want_i = _top_by(-(queries.astype(np.int64) @ db.astype(np.int64).T), k)
   np.testing.assert_array_equal(ids, want_i)
@@ -160,7 +160,7 @@ def _data(n, d=24, q=11, seed=0, coarse=False):
 def _code_keys(q, x, dim, kind):
   """Stage-0 sort keys (smaller is better) of the numpy reference."""
   qn, xn = _normalise(q, dim), _normalise(x, dim)
-  if kind == "binary":
+  if kind == "ubinary":
     return _hamming(_np_binary(qn), _np_binary(xn))
   return -(_np_int8(qn).astype(np.int64) @ _np_int8(xn).astype(np.int64).T)
 
@@ -175,14 +175,14 @@ def _numpy_code_cascade(q, x, dims, keeps, kind):
   return ids
 
 
-@pytest.mark.parametrize("kind", ["binary", "int8"])
+@pytest.mark.parametrize("kind", ["ubinary", "int8_symmetric"])
 def test_index_codes_equal_quantised_normalised_prefixes(kind):
   x, _ = _data(50, d=20)
   index = PrefixIndex(x, **SMALL)
   for dim in (3, 16, 20):
     got = np.asarray(index.codes(kind, dim))[:50]
-    want = (_np_binary if kind == "binary" else _np_int8)(_normalise(x, dim))
-    if kind == "binary":
+    want = (_np_binary if kind == "ubinary" else _np_int8)(_normalise(x, dim))
+    if kind == "ubinary":
       np.testing.assert_array_equal(got, want)
     else:  # the index normalises in float32: a rounding boundary may move by one step
       assert np.abs(got.astype(int) - want).max() <= 1 and np.mean(got == want) > 0.99
@@ -190,7 +190,7 @@ def test_index_codes_equal_quantised_normalised_prefixes(kind):
   assert index.shortlist_bytes_per_vector(16) == 64
 
 
-@pytest.mark.parametrize("kind", ["binary", "int8"])
+@pytest.mark.parametrize("kind", ["ubinary", "int8_symmetric"])
 @pytest.mark.parametrize("dim", [5, 16])
 def test_one_stage_code_search_matches_numpy(kind, dim):
   x, q = _data(613, coarse=True, seed=dim)
@@ -199,11 +199,11 @@ def test_one_stage_code_search_matches_numpy(kind, dim):
   keys = _code_keys(q, x, dim, kind)
   want_k, want_i = _top_by(keys, 20)
   np.testing.assert_array_equal(ids, want_i)
-  want_s = dim - 2 * want_k if kind == "binary" else -want_k  # +-1 inner product / int8 dot
+  want_s = dim - 2 * want_k if kind == "ubinary" else -want_k  # +-1 inner product / int8 dot
   np.testing.assert_array_equal(scores, want_s)
 
 
-@pytest.mark.parametrize("kind", ["binary", "int8"])
+@pytest.mark.parametrize("kind", ["ubinary", "int8_symmetric"])
 def test_code_shortlist_cascades_match_numpy(kind):
   x, q = _data(700, d=32, coarse=True, seed=4)
   index = PrefixIndex(x, **SMALL)
@@ -211,7 +211,7 @@ def test_code_shortlist_cascades_match_numpy(kind):
                                      k=10, shortlist_codes=kind, timed=False)
   np.testing.assert_array_equal(got.ids, _numpy_code_cascade(q, x, (12, 32), (60, 10), kind))
   assert got.shortlist_codes == kind
-  assert got.bytes_per_vector == (2 if kind == "binary" else 12)
+  assert got.bytes_per_vector == (2 if kind == "ubinary" else 12)
   assert got.flops_per_query == 32 * 60 and got.code_ops_per_query == 12 * 700
   got = retrieval.funnel_retrieval(q, index, dims=(8, 16, 32), shortlist=(80, 20, 10),
                                    shortlist_codes=kind, timed=False)
@@ -225,7 +225,7 @@ def test_code_shortlist_cascades_match_numpy(kind):
 def test_code_shortlist_reports_wall_and_cpu_time():
   x, q = _data(200, d=16)
   got = retrieval.adaptive_retrieval(q, x, shortlist_dim=16, rerank_dim=16, shortlist_k=20, k=5,
-                                     shortlist_codes="binary")
+                                     shortlist_codes="ubinary")
   assert got.seconds_per_query > 0 and got.cpu_seconds_per_query > 0
   assert got.mflops_per_query == 16 * 20 / 1e6
 
@@ -235,21 +235,22 @@ def test_faiss_binary_flat_agrees_with_the_jax_kernel_ties_included():
   x, q = _data(900, d=32, q=13, coarse=True, seed=6)
   index = PrefixIndex(x, **SMALL)
   for dim in (12, 32):
-    jax_res = retrieval.exact_search(q, index, 40, dim=dim, shortlist_codes="binary",
+    jax_res = retrieval.exact_search(q, index, 40, dim=dim, shortlist_codes="ubinary",
                                      timed=False)
-    peer = retrieval.exact_search(q, index, 40, dim=dim, shortlist_codes="binary",
+    peer = retrieval.exact_search(q, index, 40, dim=dim, shortlist_codes="ubinary",
                                   backend="faiss", timed=False)
     assert peer.backend == "faiss-binary-flat"
     np.testing.assert_array_equal(peer.scores, jax_res.scores)
     np.testing.assert_array_equal(peer.ids, jax_res.ids)
-  kw = dict(shortlist_dim=16, rerank_dim=32, shortlist_k=50, k=10, shortlist_codes="binary",
+  kw = dict(shortlist_dim=16, rerank_dim=32, shortlist_k=50, k=10, shortlist_codes="ubinary",
             timed=False)
   np.testing.assert_array_equal(retrieval.adaptive_retrieval(q, index, backend="faiss", **kw).ids,
                                 retrieval.adaptive_retrieval(q, index, **kw).ids)
   with pytest.raises(ValueError, match="IndexBinaryFlat"):
     retrieval.adaptive_retrieval(q, index, backend="faiss", faiss_index="hnsw", **kw)
   with pytest.raises(ValueError, match="no int8"):
-    retrieval.adaptive_retrieval(q, index, backend="faiss", **{**kw, "shortlist_codes": "int8"})
+    retrieval.adaptive_retrieval(q, index, backend="faiss",
+                                 **{**kw, "shortlist_codes": "int8_symmetric"})
 
 
 def test_bad_code_options_raise():
@@ -259,4 +260,4 @@ def test_bad_code_options_raise():
     retrieval.adaptive_retrieval(q, index, shortlist_dim=4, rerank_dim=8, shortlist_k=10, k=5,
                                  shortlist_codes="pq")
   with pytest.raises(ValueError, match=r"dim must be an int in \[1, 8\]"):
-    index.codes("binary", 9)
+    index.codes("ubinary", 9)

@@ -52,8 +52,9 @@ BAD_INPUTS = [
         _with(Q, 0, 0, np.nan), INDEX, shortlist_dim=4, rerank_dim=8, shortlist_k=20, k=5),
      r"queries\[:, :8\] has non-finite"),
     ("NaN query, binary shortlist", lambda: INDEX.search(_with(Q, 1, 2, np.nan), 3, 4,
-                                                         codes="binary"), "non-finite"),
-    ("NaN row quantised", lambda: codes.quantize_embeddings(_with(Q, 4, 0, np.nan), "int8"),
+                                                         codes="ubinary"), "non-finite"),
+    ("NaN row quantised",
+     lambda: codes.quantize_embeddings(_with(Q, 4, 0, np.nan), "int8_symmetric"),
      r"rows: \[4\]"),
     ("1-D database in exact_search", lambda: retrieval.exact_search(Q, X[0], 3),
      r"database must be \[N, D\].*x\[None, :\]"),
@@ -105,7 +106,7 @@ BAD_INPUTS = [
                                                                          block_size=4),
      "given with a built PrefixIndex"),
     ("normalize_prefix dim 0", lambda: normalize_prefix(X, 0), r"dim must be an int in \[1, 8\]"),
-    ("codes of a prefix past D", lambda: INDEX.codes("int8", 9), r"\[1, 8\]"),
+    ("codes of a prefix past D", lambda: INDEX.codes("int8_symmetric", 9), r"\[1, 8\]"),
     ("evaluate: k above N", lambda: _evaluate(ks=(50,)), r"ks: k=50 is larger than the database"),
     ("evaluate: float k", lambda: _evaluate(ks=(2.5,)), "ks must be positive ints"),
     ("evaluate: shortlist_k above N", lambda: _evaluate(shortlist_k=41),
@@ -189,12 +190,13 @@ def test_code_rows_in_evaluate_nested():
   xtr, xte = rng.standard_normal((120, 16)), rng.standard_normal((10, 16))
   ytr, yte = rng.integers(0, 3, 120), rng.integers(0, 3, 10)
   res = evaluate_nested(xtr, ytr, xte, yte, (4, 16), ks=(5,), shortlist_k=40,
-                        adaptive=[(16, 16, 40, "binary"), (8, 16, 40, "int8"), (4, 16, 40)])
+                        adaptive=[(16, 16, 40, "ubinary"), (8, 16, 40, "int8_symmetric"),
+                                  (4, 16, 40)])
   rows = res["adaptive"]
-  assert [r.get("shortlist_codes") for r in rows] == ["binary", "int8", None]
+  assert [r.get("shortlist_codes") for r in rows] == ["ubinary", "int8_symmetric", None]
   assert [r["bytes_per_vector"] for r in rows] == [2, 8, 16]
   want = retrieval.adaptive_retrieval(xte.astype(np.float32), xtr.astype(np.float32),
                                       shortlist_dim=16, rerank_dim=16, shortlist_k=40, k=5,
-                                      shortlist_codes="binary", timed=False)
+                                      shortlist_codes="ubinary", timed=False)
   assert rows[0]["map@5"] == pytest.approx(metrics.map_at_k(
       metrics.relevance(want.ids, ytr, yte), 5))

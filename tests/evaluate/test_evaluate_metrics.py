@@ -1,5 +1,7 @@
 """Retrieval metrics against slow, obvious per-query loops and hand-checked cases."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -97,3 +99,21 @@ def test_bad_inputs_raise():
     metrics.relevance(np.array([[3]]), np.array([0, 1]), np.array([0]))
   with pytest.raises(ValueError, match="2 neighbour lists for 1"):
     metrics.relevance(np.zeros((2, 1), int), np.array([0]), np.array([0]))
+
+
+def test_ndcg_at_k_against_a_loop_over_the_definition():
+  rng = np.random.default_rng(7)
+  rel = rng.random((40, 12)) < 0.3
+  num_relevant = rng.integers(0, 6, 40)
+  for k in (1, 5, 10):
+    want = []
+    for q in range(40):
+      if num_relevant[q] == 0:
+        continue  # no relevant item: not averaged
+      dcg = sum(1.0 / math.log2(i + 2) for i in range(k) if rel[q, i])
+      idcg = sum(1.0 / math.log2(i + 2) for i in range(min(k, num_relevant[q])))
+      want.append(dcg / idcg)
+    np.testing.assert_allclose(metrics.ndcg_at_k(rel, k, num_relevant), np.mean(want))
+  assert math.isnan(metrics.ndcg_at_k(rel, 5, np.zeros(40, int)))
+  with pytest.raises(ValueError, match="num_relevant"):
+    metrics.ndcg_at_k(rel, 5, np.ones(3))

@@ -194,7 +194,8 @@ _SHARDED = textwrap.dedent("""
         if n > 100:
           _, ids = index.cascade(q, (2, 16), (40, 5))
           np.testing.assert_array_equal(ids, _numpy_cascade(q, x, (2, 16), (40, 5)))
-          for kind in ("binary", "int8"):  # 5-bit codes: ties everywhere, merged across shards
+          # 5-bit codes: ties everywhere, merged across shards
+          for kind in ("ubinary", "int8_symmetric"):
             _, ids = index.cascade(q, (5, 16), (40, 5), shortlist_codes=kind)
             np.testing.assert_array_equal(ids, _numpy_code_cascade(q, x, (5, 16), (40, 5), kind))
     print("SHARDED_OK")

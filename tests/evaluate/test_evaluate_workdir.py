@@ -40,8 +40,10 @@ def test_text_bundles_are_evaluated_per_dim(tmp_path):
                                        progress=False)
   got = evaluate_encoder(os.path.join(tmp_path, "encoder"))
   assert got["dims"] == [8, 16, 32]
-  for name in ("spearman_per_dim", "recall_at_10_per_dim", "mrr_at_10_per_dim"):
+  for name in ("spearman_per_dim", "cosine_recall@10_per_dim", "cosine_mrr@10_per_dim",
+               "cosine_ndcg@10_per_dim"):
     np.testing.assert_allclose(got[name], final["eval"][name], atol=1e-5)
+  assert got["files"][1].endswith("metrics_vs_dim.png") and os.path.getsize(got["files"][1])
 
 
 def test_evaluate_cli_and_clear_errors(digits_dir, tmp_path):

@@ -45,9 +45,13 @@ def test_pair_retrieval_metrics_follow_their_definitions():
   a = np.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 1.0]])
   p = np.array([[1.0, 0.1], [1.0, 1.2], [-1.0, 0.9]])
   out = pair_retrieval_per_dim(a, p, (1, 2))
-  np.testing.assert_allclose(out["recall_at_1_per_dim"], [1 / 3, 1.0])
-  np.testing.assert_allclose(out["mrr_at_10_per_dim"], [(0.5 + 0.5 + 1) / 3, 1.0])
-  np.testing.assert_allclose(out["recall_at_10_per_dim"], [1.0, 1.0])
+  np.testing.assert_allclose(out["cosine_recall@1_per_dim"], [1 / 3, 1.0])
+  np.testing.assert_allclose(out["cosine_accuracy@1_per_dim"], [1 / 3, 1.0])
+  np.testing.assert_allclose(out["cosine_mrr@10_per_dim"], [(0.5 + 0.5 + 1) / 3, 1.0])
+  np.testing.assert_allclose(out["cosine_recall@10_per_dim"], [1.0, 1.0])
+  # nDCG@10 with one relevant item: 1 / log2(1 + rank); ranks at m=1 are 2, 2, 1.
+  np.testing.assert_allclose(out["cosine_ndcg@10_per_dim"],
+                             [(1 / np.log2(3) * 2 + 1) / 3, 1.0])
   with pytest.raises(ValueError, match="NaN"):
     pair_retrieval_per_dim(np.full((3, 2), np.nan), p, (1, 2))
 
@@ -124,5 +128,7 @@ def test_a_single_nesting_dim_exports_an_ordinary_model(tmp_path):
   assert config["is_matryoshka"] is False and "matryoshka_dimensions" not in config
   encoder = Encoder.load(result["export_dir"])
   assert not encoder.is_matryoshka and encoder.dims == (32,)
-  with pytest.raises(ValueError, match="is_matryoshka=false"):
-    encoder.embed(["a cat"], dim=8, allow_any_dim=True)
+  with pytest.raises(ValueError, match=r"valid dims: \[32\]"):
+    encoder.embed(["a cat"], dim=8)
+  with pytest.warns(UserWarning, match="not trained with MRL"):  # an explicit opt-in
+    assert encoder.embed(["a cat"], dim=8, allow_any_dim=True).shape == (1, 8)

@@ -40,7 +40,7 @@ def test_tiny_run_learns_checkpoints_logs_and_exports(task, digits_dir, tmp_path
     top1 = np.asarray(result["eval"]["top1_per_dim"])
     assert top1.shape == (4,) and top1[-1] > 0.5, top1  # chance: 0.1
   else:
-    recall = np.asarray(result["eval"]["recall_at_10_per_dim"])
+    recall = np.asarray(result["eval"]["cosine_recall@10_per_dim"])
     assert recall.shape == (3,) and recall[-1] > 0.5, recall  # chance: 10 / 24
   assert _steps(tmp_path) == [30, 40]  # max_to_keep=2
   with open(tmp_path / "final_metrics.json") as f:
