@@ -255,3 +255,50 @@ def numpy_bert_layers(t: dict[str, np.ndarray], config: dict, ids: np.ndarray,
                    p + "output.LayerNorm")
     out.append(x)
   return np.stack(out)
+
+
+# --- numpy references of the binary / int8 code search -------------------------
+
+
+def normalise(x, dim):
+  p = np.asarray(x, np.float64)[:, :dim]
+  n = np.linalg.norm(p, axis=1, keepdims=True)
+  return np.divide(p, n, out=np.zeros_like(p), where=n > 0).astype(np.float32)
+
+
+def np_binary(z):
+  return np.packbits(np.asarray(z) > 0, axis=-1)
+
+
+def np_int8(z):
+  return np.clip(np.round(np.asarray(z, np.float32) * 127.0), -127, 127).astype(np.int8)
+
+
+def hamming(qc, xc):
+  """``[Q, N]`` Hamming distances of packed codes, by unpacking every bit."""
+  qb, xb = np.unpackbits(qc, axis=1), np.unpackbits(xc, axis=1)
+  return (qb[:, None, :] != xb[None, :, :]).sum(-1)
+
+
+def top_by(key, k):
+  """Ids of the ``k`` smallest keys per row, ties by smaller id (stable sort)."""
+  ids = np.argsort(key, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(key, ids, axis=1), ids
+
+
+def code_keys(q, x, dim, kind):
+  """Stage-0 sort keys (smaller is better) of the numpy reference."""
+  qn, xn = normalise(q, dim), normalise(x, dim)
+  if kind == "ubinary":
+    return hamming(np_binary(qn), np_binary(xn))
+  return -(np_int8(qn).astype(np.int64) @ np_int8(xn).astype(np.int64).T)
+
+
+def numpy_code_cascade(q, x, dims, keeps, kind):
+  _, ids = top_by(code_keys(q, x, dims[0], kind), keeps[0])
+  for d, keep in zip(dims[1:], keeps[1:], strict=True):
+    s = normalise(q, d).astype(np.float64) @ normalise(x, d).astype(np.float64).T
+    s = np.take_along_axis(s, ids, axis=1)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :keep]  # ties: previous stage's order
+    ids = np.take_along_axis(ids, order, axis=1)
+  return ids

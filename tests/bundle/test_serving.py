@@ -19,10 +19,10 @@ import pytest
 from safetensors.numpy import load_file
 from testutil import TESTS, tiny_text_config
 
+from mrl_jax import experiments
 from mrl_jax.bundle import artifact, calibration
 from mrl_jax.bundle.encoder import Encoder
 from mrl_jax.core import ops
-from mrl_jax.train import loop
 
 DATA = os.path.join(TESTS, "fixtures")
 TINY = os.path.join(DATA, "tiny_st_model")
@@ -205,7 +205,7 @@ def exports(tmp_path_factory):
   out = {}
   for name, overrides in (("mrl", {}), ("baseline", {"nesting": {"dims": (32,)}})):
     workdir = str(tmp_path_factory.mktemp(name))
-    result = loop.train_and_evaluate(tiny_text_config(num_train_steps=2, **overrides),
+    result = experiments.train_and_evaluate(tiny_text_config(num_train_steps=2, **overrides),
                                           workdir, progress=False)
     out[name] = (result["export_dir"], result)
   return out
@@ -263,7 +263,7 @@ def test_served_length_is_the_base_models_never_the_training_length(tmp_path):
   # The tiny model folder as the base: it serves 12 tokens, has 16 positions.
   cfg = tiny_text_config(num_train_steps=1, model_dir=TINY, max_length=8,
                          nesting={"dims": (8, 16, 32)})
-  result = loop.train_and_evaluate(cfg, str(tmp_path / "base"), progress=False)
+  result = experiments.train_and_evaluate(cfg, str(tmp_path / "base"), progress=False)
   out = result["export_dir"]
   assert json.load(open(os.path.join(out, "sentence_bert_config.json")))["max_seq_length"] == 12
   assert json.load(open(os.path.join(out, "tokenizer.json")))["truncation"]["max_length"] == 12
@@ -280,12 +280,12 @@ def test_served_length_is_the_base_models_never_the_training_length(tmp_path):
   assert "Maximum sequence length: 12 tokens" in card
   # An explicit export field wins, bounded by the position table.
   cfg.export.max_seq_length = 16
-  out = loop.train_and_evaluate(cfg, str(tmp_path / "explicit"),
+  out = experiments.train_and_evaluate(cfg, str(tmp_path / "explicit"),
                                      progress=False)["export_dir"]
   assert json.load(open(os.path.join(out, "sentence_bert_config.json")))["max_seq_length"] == 16
   cfg.export.max_seq_length = 17
-  with pytest.raises(ValueError, match="artifact.max_seq_length=17.*max_position_embeddings=16"):
-    loop.train_and_evaluate(cfg, str(tmp_path / "too_long"), progress=False)
+  with pytest.raises(ValueError, match="export.max_seq_length=17.*max_position_embeddings=16"):
+    experiments.train_and_evaluate(cfg, str(tmp_path / "too_long"), progress=False)
 
 
 def test_model_dir_takes_a_hub_repo_id_from_the_local_cache(tmp_path, monkeypatch):

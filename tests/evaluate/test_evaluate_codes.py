@@ -5,39 +5,22 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from testutil import SMALL
+from testutil import (
+  SMALL,
+  code_keys,
+  hamming,
+  normalise,
+  np_binary,
+  np_int8,
+  numpy_code_cascade,
+  top_by,
+)
 
 from mrl_jax.evaluate import codes, retrieval
 from mrl_jax.evaluate.index import PrefixIndex
 
 # Tiny blocks/groups so a few hundred rows span many blocks, groups and sub-batches.
 TILES = dict(query_batch=8, block_size=64, group_size=8, sub_batch=4)
-
-
-def _normalise(x, dim):
-  p = np.asarray(x, np.float64)[:, :dim]
-  n = np.linalg.norm(p, axis=1, keepdims=True)
-  return np.divide(p, n, out=np.zeros_like(p), where=n > 0).astype(np.float32)
-
-
-def _np_binary(z):
-  return np.packbits(np.asarray(z) > 0, axis=-1)
-
-
-def _np_int8(z):
-  return np.clip(np.round(np.asarray(z, np.float32) * 127.0), -127, 127).astype(np.int8)
-
-
-def _hamming(qc, xc):
-  """``[Q, N]`` Hamming distances of packed codes, by unpacking every bit."""
-  qb, xb = np.unpackbits(qc, axis=1), np.unpackbits(xc, axis=1)
-  return (qb[:, None, :] != xb[None, :, :]).sum(-1)
-
-
-def _top_by(key, k):
-  """Ids of the ``k`` smallest keys per row, ties by smaller id (stable sort)."""
-  ids = np.argsort(key, axis=1, kind="stable")[:, :k]
-  return np.take_along_axis(key, ids, axis=1), ids
 
 
 def _tied_codes(n, q, width, seed, kind):
@@ -73,7 +56,7 @@ def test_quantize_matches_the_inference_rule(kind):
     got = codes.quantize_embeddings(z, kind)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    ref = _np_binary(z) if kind == "ubinary" else _np_int8(z)
+    ref = np_binary(z) if kind == "ubinary" else np_int8(z)
     np.testing.assert_array_equal(np.asarray(got), ref)
   # Under jit as well (no finiteness check there).
   np.testing.assert_array_equal(jax.jit(codes.quantize_embeddings, static_argnums=1)(z, kind),
@@ -99,7 +82,7 @@ def test_quantize_refuses_bad_input():
 def test_hamming_search_matches_numpy_with_ties(n, width, k):
   queries, db = _tied_codes(n, 13, width, seed=n + width, kind="ubinary")
   dist, ids = codes.hamming_search(queries, db, k, **TILES)
-  want_d, want_i = _top_by(_hamming(queries, db), k)
+  want_d, want_i = top_by(hamming(queries, db), k)
   np.testing.assert_array_equal(ids, want_i)
   np.testing.assert_array_equal(dist, want_d)
   assert dist.dtype == np.int32 and ids.dtype == np.int32
@@ -109,7 +92,7 @@ def test_hamming_search_matches_numpy_with_ties(n, width, k):
 def test_int8_search_matches_numpy_with_ties(n, width, k):
   queries, db = _tied_codes(n, 11, width, seed=n, kind="int8_symmetric")
   dots, ids = codes.int8_search(queries, db, k, **TILES)
-  want_d, want_i = _top_by(-(queries.astype(np.int64) @ db.astype(np.int64).T), k)
+  want_d, want_i = top_by(-(queries.astype(np.int64) @ db.astype(np.int64).T), k)
   np.testing.assert_array_equal(ids, want_i)
   np.testing.assert_array_equal(dots, -want_d)
 
@@ -117,10 +100,10 @@ def test_int8_search_matches_numpy_with_ties(n, width, k):
 def test_int8_search_is_exact_beyond_float32_mantissa_for_unit_vector_codes():
   rng = np.random.default_rng(5)
   x, q = rng.standard_normal((300, 1200)), rng.standard_normal((4, 1200))
-  xc, qc = _np_int8(_normalise(x, 1200)), _np_int8(_normalise(q, 1200))
+  xc, qc = np_int8(normalise(x, 1200)), np_int8(normalise(q, 1200))
   xc[7] = xc[3]  # an exact tie
   dots, ids = codes.int8_search(qc, xc, 9, **TILES)
-  want_d, want_i = _top_by(-(qc.astype(np.int64) @ xc.astype(np.int64).T), 9)
+  want_d, want_i = top_by(-(qc.astype(np.int64) @ xc.astype(np.int64).T), 9)
   np.testing.assert_array_equal(ids, want_i)
   big = np.full((3, 1200), 127, np.int8)  # |q| |x| = 127**2 * 1200 > 2**24
   with pytest.raises(ValueError, match="exact float32"):
@@ -157,31 +140,13 @@ def _data(n, d=24, q=11, seed=0, coarse=False):
   return x, rng.standard_normal((q, d)).astype(np.float32)
 
 
-def _code_keys(q, x, dim, kind):
-  """Stage-0 sort keys (smaller is better) of the numpy reference."""
-  qn, xn = _normalise(q, dim), _normalise(x, dim)
-  if kind == "ubinary":
-    return _hamming(_np_binary(qn), _np_binary(xn))
-  return -(_np_int8(qn).astype(np.int64) @ _np_int8(xn).astype(np.int64).T)
-
-
-def _numpy_code_cascade(q, x, dims, keeps, kind):
-  _, ids = _top_by(_code_keys(q, x, dims[0], kind), keeps[0])
-  for d, keep in zip(dims[1:], keeps[1:], strict=True):
-    s = _normalise(q, d).astype(np.float64) @ _normalise(x, d).astype(np.float64).T
-    s = np.take_along_axis(s, ids, axis=1)
-    order = np.argsort(-s, axis=1, kind="stable")[:, :keep]  # ties: previous stage's order
-    ids = np.take_along_axis(ids, order, axis=1)
-  return ids
-
-
 @pytest.mark.parametrize("kind", ["ubinary", "int8_symmetric"])
 def test_index_codes_equal_quantised_normalised_prefixes(kind):
   x, _ = _data(50, d=20)
   index = PrefixIndex(x, **SMALL)
   for dim in (3, 16, 20):
     got = np.asarray(index.codes(kind, dim))[:50]
-    want = (_np_binary if kind == "ubinary" else _np_int8)(_normalise(x, dim))
+    want = (np_binary if kind == "ubinary" else np_int8)(normalise(x, dim))
     if kind == "ubinary":
       np.testing.assert_array_equal(got, want)
     else:  # the index normalises in float32: a rounding boundary may move by one step
@@ -196,8 +161,8 @@ def test_one_stage_code_search_matches_numpy(kind, dim):
   x, q = _data(613, coarse=True, seed=dim)
   index = PrefixIndex(x, **SMALL)
   scores, ids = index.search(q, 20, dim, codes=kind)
-  keys = _code_keys(q, x, dim, kind)
-  want_k, want_i = _top_by(keys, 20)
+  keys = code_keys(q, x, dim, kind)
+  want_k, want_i = top_by(keys, 20)
   np.testing.assert_array_equal(ids, want_i)
   want_s = dim - 2 * want_k if kind == "ubinary" else -want_k  # +-1 inner product / int8 dot
   np.testing.assert_array_equal(scores, want_s)
@@ -209,17 +174,17 @@ def test_code_shortlist_cascades_match_numpy(kind):
   index = PrefixIndex(x, **SMALL)
   got = retrieval.adaptive_retrieval(q, index, shortlist_dim=12, rerank_dim=32, shortlist_k=60,
                                      k=10, shortlist_codes=kind, timed=False)
-  np.testing.assert_array_equal(got.ids, _numpy_code_cascade(q, x, (12, 32), (60, 10), kind))
+  np.testing.assert_array_equal(got.ids, numpy_code_cascade(q, x, (12, 32), (60, 10), kind))
   assert got.shortlist_codes == kind
   assert got.bytes_per_vector == (2 if kind == "ubinary" else 12)
   assert got.flops_per_query == 32 * 60 and got.code_ops_per_query == 12 * 700
   got = retrieval.funnel_retrieval(q, index, dims=(8, 16, 32), shortlist=(80, 20, 10),
                                    shortlist_codes=kind, timed=False)
   np.testing.assert_array_equal(got.ids,
-                                _numpy_code_cascade(q, x, (8, 16, 32), (80, 20, 10), kind))
+                                numpy_code_cascade(q, x, (8, 16, 32), (80, 20, 10), kind))
   # Same stage option through exact_search (one stage) and evaluate-style settings.
   one = retrieval.exact_search(q, index, 7, dim=9, shortlist_codes=kind, timed=False)
-  np.testing.assert_array_equal(one.ids, _top_by(_code_keys(q, x, 9, kind), 7)[1])
+  np.testing.assert_array_equal(one.ids, top_by(code_keys(q, x, 9, kind), 7)[1])
 
 
 def test_code_shortlist_reports_wall_and_cpu_time():

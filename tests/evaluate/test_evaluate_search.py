@@ -7,7 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from testutil import REPO, SMALL
+from testutil import REPO, SMALL, TESTS
 
 from mrl_jax.evaluate import retrieval
 from mrl_jax.evaluate.index import PrefixIndex
@@ -177,8 +177,8 @@ def test_faiss_flat_agrees_with_jax_and_hnsw_finds_most():
 _SHARDED = textwrap.dedent("""
     import numpy as np, jax
     from mrl_jax.evaluate.index import PrefixIndex
-    from tests.test_evaluate_codes import _numpy_code_cascade
-    from tests.test_evaluate_search import SMALL, _brute_force, _data, _numpy_cascade
+    from testutil import SMALL, numpy_code_cascade
+    from test_evaluate_search import _brute_force, _data, _numpy_cascade  # this file's own
     assert len(jax.devices()) == 3
     assert PrefixIndex(np.ones((4, 2), np.float32)).shard == "queries"  # CPU default
     for shard in ("database", "queries"):
@@ -197,7 +197,7 @@ _SHARDED = textwrap.dedent("""
           # 5-bit codes: ties everywhere, merged across shards
           for kind in ("ubinary", "int8_symmetric"):
             _, ids = index.cascade(q, (5, 16), (40, 5), shortlist_codes=kind)
-            np.testing.assert_array_equal(ids, _numpy_code_cascade(q, x, (5, 16), (40, 5), kind))
+            np.testing.assert_array_equal(ids, numpy_code_cascade(q, x, (5, 16), (40, 5), kind))
     print("SHARDED_OK")
 """)
 
@@ -205,7 +205,8 @@ _SHARDED = textwrap.dedent("""
 def test_three_devices_sharding_database_or_queries_give_the_same_answers():
   root = REPO
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=3", PYTHONPATH=root)
+             XLA_FLAGS="--xla_force_host_platform_device_count=3",
+             PYTHONPATH=os.pathsep.join([root, TESTS, os.path.dirname(__file__)]))
   out = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
   assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
