@@ -55,6 +55,8 @@ class EdgeBackend:
     return os.path.join(self.path, "manifest.json")
 
   def read_manifest(self) -> dict[str, Any] | None:
+    if os.path.exists(self.path) and not os.path.isdir(self.path):
+      raise SearchError(f"{self.where}: a file, not a folder")
     if not os.path.exists(self._manifest_file):
       if os.path.isdir(self.path) and os.listdir(self.path):
         raise SearchError(f"{self.where}: the folder exists and is not an mrl_jax search "

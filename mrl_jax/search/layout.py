@@ -184,7 +184,8 @@ def read_corpus(path: str, *, text_column: str = "text",
     for number, (where, record) in enumerate(records):
       text = record.get(text_column)
       if not isinstance(text, str) or not text.strip():
-        what = "no" if text_column not in record else f"an empty or non-string ({text!r})"
+        what = ("no" if text_column not in record else "an empty" if isinstance(text, str)
+                else f"a non-string ({text!r})")
         raise SearchError(f"{where}: {what} {text_column!r} column (every record needs a "
                           "non-empty text)")
       if "_record" in record:
