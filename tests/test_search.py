@@ -309,3 +309,19 @@ def test_plan_and_layout_checks():
   assert layout.point_id("doc1") == layout.point_id("doc1") != layout.point_id("doc2")
   with pytest.raises(SearchError, match="comma-separated"):
     layout.parse_ints("64,x", "--stages")
+
+
+def test_search_demo_indexes_the_pairs_and_prints_three_queries(setup, tmp_path, capsys):
+  from mrl_jax.search.demo import search_demo
+
+  pairs = _write_jsonl(tmp_path / "pairs.jsonl", [
+      {"anchor": f"summary {i}", "positive": f"def f{i}():\n  {t}"}
+      for i, t in enumerate(setup["texts"][:30])])
+  got = search_demo(setup["bundle"], pairs, str(tmp_path / "search"), progress=False)
+  printed = capsys.readouterr().out
+  assert got["records"] == 30 and len(got["queries"]) == 3
+  for q in got["queries"]:
+    assert f"query: {q['query']}" in printed and len(q["ids"]) == 3
+  assert "def f" in printed  # each hit's first line of text
+  again = search_demo(setup["bundle"], pairs, str(tmp_path / "search"), progress=False)
+  assert again["index"] == got["index"] and again["queries"] == got["queries"]
