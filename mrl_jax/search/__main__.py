@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--qdrant_url", help="a Qdrant server or cluster (instead of --index)")
     s.add_argument("--collection", help="the collection on the server")
     s.add_argument("--batch_size", type=int, default=64, help="texts embedded per step")
+    s.add_argument("--text_column", default="text", help="the column holding the texts")
 
   s = sub.add_parser("index", help="embed a corpus into an index")
   where(s)
@@ -82,7 +83,8 @@ def _index(args) -> None:
                           on_disk=args.on_disk, url=args.qdrant_url, collection=args.collection,
                           shards=args.shards, replicas=args.replicas,
                           batch_size=args.batch_size) as index:
-    out = index.index_corpus(args.corpus, progress=not args.no_progress)
+    out = index.index_corpus(args.corpus, progress=not args.no_progress,
+                             text_column=args.text_column)
     print(f"indexed {out['records']} records ({out['skipped']} already committed) into "
           f"{index.backend.where}: {out['count']} points, stages {list(index.stages)}, "
           f"{out['docs_per_second']:.0f} docs/s")
@@ -95,7 +97,7 @@ def _query_texts(args) -> list[str]:
     raise SearchError("give exactly one of --text=... or --queries=FILE")
   if args.text is not None:
     return [args.text]
-  return [r.text for r in layout.read_corpus(args.queries)]
+  return [r.text for r in layout.read_corpus(args.queries, text_column=args.text_column)]
 
 
 def _query(args) -> None:
@@ -123,7 +125,8 @@ def _query(args) -> None:
 def _evaluate(args) -> None:
   shortlists = [parse_ints(s, "--shortlist") for s in args.shortlist or []] or None
   with _open(args) as index:
-    rows = index.evaluate(args.queries, k=args.k, shortlists=shortlists, hnsw_ef=args.hnsw_ef)
+    rows = index.evaluate(args.queries, k=args.k, shortlists=shortlists, hnsw_ef=args.hnsw_ef,
+                          text_column=args.text_column)
   keys = [k for k in rows[0] if k != "setting"]
   width = max(len(r["setting"]) for r in rows) + 2
   print("setting".ljust(width) + "".join(f"{k:>20}" for k in keys))

@@ -279,7 +279,7 @@ class SearchIndex:
 
   # --- evaluating -------------------------------------------------------------------
 
-  def evaluate(self, queries: str, *, k: int = 10,
+  def evaluate(self, queries: str, *, k: int = 10, text_column: str = "text",
                shortlists: Sequence[Sequence[int]] | None = None,
                hnsw_ef: int | None = None) -> list[dict[str, Any]]:
     """Recall@k, MRR@10 and overlap@k with exact full-dim search, per funnel setting.
@@ -293,7 +293,8 @@ class SearchIndex:
     """
     from mrl_jax.evaluate import metrics
 
-    records = list(layout.read_corpus(queries, required=("positive_id",)))
+    records = list(layout.read_corpus(queries, text_column=text_column,
+                                      required=("positive_id",)))
     if not records:
       raise SearchError(f"--queries={queries}: no queries")
     positives = np.asarray([str(r.payload["positive_id"]) for r in records])
