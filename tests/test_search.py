@@ -263,23 +263,27 @@ def test_kill_9_mid_index_then_rerun_has_every_record_once(setup, tmp_path):
   assert sorted(ids) == sorted(f"doc{i}" for i in range(n))
 
 
-def test_cli_query_evaluate_and_user_errors(setup, tmp_path):
+def test_cli_query_evaluate_and_user_errors(setup, tmp_path, capsys):
+  from mrl_jax.search.__main__ import main  # in-process: the subprocess path is tested above
+
   path = str(tmp_path / "idx")
-  built = _cli("index", f"--encoder={setup['bundle']}", f"--corpus={setup['corpus']}",
-               f"--index={path}", "--stages=8,32", "--no_progress")
-  assert built.returncode == 0, built.stderr[-2000:]
+  assert main(["index", f"--encoder={setup['bundle']}", f"--corpus={setup['corpus']}",
+               f"--index={path}", "--stages=8,32", "--no_progress"]) == 0
+  assert f"{N} points" in capsys.readouterr().out
   queries = _write_jsonl(tmp_path / "q.jsonl", [{"text": setup["texts"][i],
                                                  "positive_id": f"doc{i}"} for i in range(8)])
   out = tmp_path / "out.jsonl"
-  got = _cli("query", f"--index={path}", f"--queries={queries}", "--k=5", "--shortlist=40",
-             "--exact", f"--output={out}")
-  assert got.returncode == 0, got.stderr[-2000:]
+  assert main(["query", f"--index={path}", f"--queries={queries}", "--k=5", "--shortlist=40",
+               "--exact", f"--output={out}"]) == 0
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["ids"][0] for r in lines] == [f"doc{i}" for i in range(8)]  # each finds itself
   assert len(lines[0]["scores"]) == 5 and lines[0]["query"] == setup["texts"][0]
-  ev = _cli("evaluate", f"--index={path}", f"--queries={queries}", "--shortlist=40")
-  assert ev.returncode == 0, ev.stderr[-2000:]
-  rows = {line.split("  ")[0]: line.split()[-4:] for line in ev.stdout.splitlines()[1:]}
+  assert main(["query", f"--index={path}", "--text=the cat sat", "--k=2"]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["query"] == "the cat sat" and len(printed["ids"]) == 2
+  assert main(["evaluate", f"--index={path}", f"--queries={queries}", "--shortlist=40"]) == 0
+  table = capsys.readouterr().out.splitlines()
+  rows = {line.split("  ")[0]: line.split()[-4:] for line in table[1:]}
   exact = rows["funnel d8:40 -> d32:10 exact"]
   assert float(exact[0]) == 1.0 and float(exact[1]) == 1.0  # recall@10, MRR@10: itself first
   for args, message in [
@@ -292,9 +296,12 @@ def test_cli_query_evaluate_and_user_errors(setup, tmp_path):
         f"--index={tmp_path / 'n'}"], "no exported bundle"),
       (["query", f"--index={path}", "--qdrant_url=http://x", "--text=x"], "exactly one of"),
   ]:
-    proc = _cli(*args)
-    assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert main(args) == 2, args
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+  proc = _cli("query", f"--index={tmp_path / 'none'}", "--text=x")
+  assert proc.returncode == 2 and "no index there" in proc.stderr
+  assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_plan_and_layout_checks():
