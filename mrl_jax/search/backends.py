@@ -10,6 +10,7 @@ server collection keeps the manifest in the collection's ``metadata``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from mrl_jax import fileio
-from mrl_jax.search.layout import Plan, SearchError, stage_name
+from mrl_jax.search import layout
+from mrl_jax.search.layout import Plan, SearchError
 
 MANIFEST_KEY = "mrl_jax_search"
 _INSTALL = "install the search extra: pip install 'mrl_jax[search]'"
@@ -79,19 +81,17 @@ class EdgeBackend:
   def create(self, manifest: dict[str, Any]) -> None:
     q = self.q
     vectors = {}
-    for i, m in enumerate(manifest["stages"]):
-      quant = None
-      if i == 0 and manifest["precision"] == "int8":
-        quant = q.ScalarQuantizationConfig(q.ScalarType.Int8, quantile=0.99, always_ram=True)
-      elif i == 0 and manifest["precision"] == "binary":
-        quant = q.BinaryQuantizationConfig(always_ram=True)
-      # Later stages only re-score prefetched points: no HNSW graph for them (m=0).
-      hnsw = None if i == 0 else q.HnswIndexConfig(m=0, ef_construct=100,
-                                                   full_scan_threshold=10000)
-      on_disk = (i > 0 and manifest["on_disk"]) or (i == 0 and quant is not None)
-      vectors[stage_name(m)] = q.EdgeVectorParams(
-          size=m, distance=q.Distance.Cosine, on_disk=on_disk or None,
-          quantization_config=quant, hnsw_config=hnsw)
+    for st in layout.stage_layouts(manifest):
+      quant = {None: None,
+               "int8": lambda: q.ScalarQuantizationConfig(q.ScalarType.Int8, quantile=0.99,
+                                                          always_ram=True),
+               "binary": lambda: q.BinaryQuantizationConfig(always_ram=True)}[st.quantization]
+      # m=0: no HNSW graph for a stage that only re-scores prefetched points.
+      hnsw = None if st.hnsw else q.HnswIndexConfig(m=0, ef_construct=100,
+                                                    full_scan_threshold=10000)
+      vectors[st.name] = q.EdgeVectorParams(
+          size=st.dim, distance=q.Distance.Cosine, on_disk=st.on_disk or None,
+          quantization_config=quant and quant(), hnsw_config=hnsw)
     os.makedirs(self.path, exist_ok=True)
     self._shard = q.EdgeShard.create(os.path.join(self.path, "shard"),
                                      q.EdgeConfig(vectors=vectors))
@@ -142,19 +142,16 @@ class EdgeBackend:
   def search(self, plan: Plan, queries: dict[str, np.ndarray], *, quantized: bool,
              hnsw_ef: int | None = None) -> list[list[Hit]]:
     q = self.q
-    requests = []
-    for row in range(len(next(iter(queries.values())))):
-      inner = None
-      for i, (m, limit) in enumerate(zip(plan.stages, plan.limits, strict=True)):
-        nearest = q.Query.Nearest(queries[stage_name(m)][row].tolist(), using=stage_name(m))
-        params = self._params(plan, quantized and i == 0, hnsw_ef)
-        if i < len(plan.stages) - 1:
-          inner = q.Prefetch(limit=limit, query=nearest, params=params,
-                             prefetches=None if inner is None else [inner])
-        else:
-          requests.append(q.QueryRequest(limit=limit, query=nearest, params=params,
-                                         prefetches=None if inner is None else [inner],
-                                         with_payload=True))
+
+    def prefetch(vector, using, limit, i, inner, final=False):
+      kwargs = dict(limit=limit, query=q.Query.Nearest(vector, using=using),
+                    params=self._params(plan, quantized and i == 0, hnsw_ef),
+                    prefetches=None if inner is None else [inner])
+      return q.QueryRequest(**kwargs, with_payload=True) if final else q.Prefetch(**kwargs)
+
+    requests = [layout.nest_funnel(plan, queries, row, prefetch,
+                                   functools.partial(prefetch, final=True))
+                for row in range(len(next(iter(queries.values()))))]
     return [_hits(points) for points in self.shard.query_batch(q.QueryBatchRequest(requests))]
 
   def close(self) -> None:
@@ -203,17 +200,16 @@ class ClientBackend:
   def create(self, manifest: dict[str, Any]) -> None:
     m_ = self.models
     vectors = {}
-    for i, m in enumerate(manifest["stages"]):
-      quant = None
-      if i == 0 and manifest["precision"] == "int8":
-        quant = m_.ScalarQuantization(scalar=m_.ScalarQuantizationConfig(
-            type=m_.ScalarType.INT8, quantile=0.99, always_ram=True))
-      elif i == 0 and manifest["precision"] == "binary":
-        quant = m_.BinaryQuantization(binary=m_.BinaryQuantizationConfig(always_ram=True))
-      on_disk = (i > 0 and manifest["on_disk"]) or (i == 0 and quant is not None)
-      vectors[stage_name(m)] = m_.VectorParams(
-          size=m, distance=m_.Distance.COSINE, on_disk=on_disk or None,
-          quantization_config=quant, hnsw_config=None if i == 0 else m_.HnswConfigDiff(m=0))
+    for st in layout.stage_layouts(manifest):
+      quant = {None: None,
+               "int8": lambda: m_.ScalarQuantization(scalar=m_.ScalarQuantizationConfig(
+                   type=m_.ScalarType.INT8, quantile=0.99, always_ram=True)),
+               "binary": lambda: m_.BinaryQuantization(
+                   binary=m_.BinaryQuantizationConfig(always_ram=True))}[st.quantization]
+      vectors[st.name] = m_.VectorParams(
+          size=st.dim, distance=m_.Distance.COSINE, on_disk=st.on_disk or None,
+          quantization_config=quant and quant(),
+          hnsw_config=None if st.hnsw else m_.HnswConfigDiff(m=0))
     self.client.create_collection(self.collection, vectors_config=vectors,
                                   shard_number=self.shards, replication_factor=self.replicas,
                                   metadata={MANIFEST_KEY: manifest})
@@ -258,18 +254,15 @@ class ClientBackend:
   def search(self, plan: Plan, queries: dict[str, np.ndarray], *, quantized: bool,
              hnsw_ef: int | None = None) -> list[list[Hit]]:
     m_ = self.models
-    requests = []
-    for row in range(len(next(iter(queries.values())))):
-      inner = None
-      for i, (m, limit) in enumerate(zip(plan.stages, plan.limits, strict=True)):
-        vector, using = queries[stage_name(m)][row].tolist(), stage_name(m)
-        params = self._params(plan, quantized and i == 0, hnsw_ef)
-        if i < len(plan.stages) - 1:
-          inner = m_.Prefetch(query=vector, using=using, limit=limit, params=params,
-                              prefetch=inner)
-        else:
-          requests.append(m_.QueryRequest(query=vector, using=using, limit=limit,
-                                          params=params, prefetch=inner, with_payload=True))
+
+    def prefetch(vector, using, limit, i, inner, final=False):
+      kwargs = dict(query=vector, using=using, limit=limit, prefetch=inner,
+                    params=self._params(plan, quantized and i == 0, hnsw_ef))
+      return m_.QueryRequest(**kwargs, with_payload=True) if final else m_.Prefetch(**kwargs)
+
+    requests = [layout.nest_funnel(plan, queries, row, prefetch,
+                                   functools.partial(prefetch, final=True))
+                for row in range(len(next(iter(queries.values()))))]
     responses = self.client.query_batch_points(self.collection, requests=requests)
     return [_hits(r.points) for r in responses]
 

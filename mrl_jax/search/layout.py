@@ -258,3 +258,43 @@ def stage_vectors(full: np.ndarray, stages: Sequence[int]) -> dict[str, np.ndarr
   from mrl_jax import ops
 
   return {stage_name(m): np.asarray(ops.truncate_normalize(full, m)) for m in stages}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+  """How one named vector is stored: ``quantization`` (None, ``"int8"``, ``"binary"``),
+  ``on_disk`` (the float vectors mmapped), ``hnsw`` (build a graph: stage 0 only; later
+  stages only re-score prefetched points)."""
+  name: str
+  dim: int
+  quantization: str | None
+  on_disk: bool
+  hnsw: bool
+
+
+def stage_layouts(manifest: dict[str, Any]) -> list[StageLayout]:
+  """The named vectors of an index. A quantized stage 0 keeps its codes in RAM and its
+  floats (read only to rescore) on disk; later stages go on disk with ``on_disk``."""
+  out = []
+  for i, m in enumerate(manifest["stages"]):
+    quant = manifest["precision"] if i == 0 and manifest["precision"] != "float32" else None
+    out.append(StageLayout(stage_name(m), int(m), quant,
+                           bool(quant) or (i > 0 and bool(manifest["on_disk"])), i == 0))
+  return out
+
+
+def nest_funnel(plan: Plan, queries: dict[str, np.ndarray], row: int, prefetch, request):
+  """The funnel of query ``row`` as one nested request, stage 0 innermost.
+
+  ``prefetch(vector, using, limit, stage, inner)`` builds a stage that keeps ``limit``
+  (``inner`` is the previous stage or None); ``request(...)`` (same arguments) builds
+  the final ranking at ``plan.stages[-1]`` with ``limit = k``. Returns ``request``'s value.
+  """
+  inner = None
+  last = len(plan.stages) - 1
+  for i, (m, limit) in enumerate(zip(plan.stages, plan.limits, strict=True)):
+    args = (queries[stage_name(m)][row].tolist(), stage_name(m), limit, i, inner)
+    if i == last:
+      return request(*args)
+    inner = prefetch(*args)
+  raise AssertionError("a plan has at least one stage")
