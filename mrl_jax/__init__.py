@@ -34,6 +34,7 @@ _API = {
     "adaptive_retrieval": "mrl_jax.evaluate.retrieval",
     "funnel_retrieval": "mrl_jax.evaluate.retrieval",
     "exact_search": "mrl_jax.evaluate.retrieval", "PrefixIndex": "mrl_jax.evaluate.index",
+    "SearchIndex": "mrl_jax.search", "SearchError": "mrl_jax.search",
 }
 __all__ = sorted(_API)
 

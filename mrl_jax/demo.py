@@ -301,6 +301,12 @@ def main(argv: Sequence[str]) -> None:
     print(format_text_table(text))
     print(f"\nwrote {os.path.join(text_dir, 'results.json')} and the bundles "
           f"{text_dir}/{{shipped,no_mrl,mrl}}/encoder ({time.perf_counter() - tick:.0f} s)")
+    tick = time.perf_counter()
+    from mrl_jax.search.demo import search_demo  # the search extra, imported only here
+
+    search_demo(os.path.join(text_dir, "mrl", "encoder"),
+                flags.FLAGS.text_config.eval_pairs_file, os.path.join(text_dir, "search"))
+    print(f"(search: {time.perf_counter() - tick:.0f} s)")
   print(f"demo: {time.perf_counter() - start:.0f} s in all")
 
 

@@ -86,7 +86,7 @@ def _text_lines(path: str) -> Iterator[tuple[int, str]]:
         yield i, line
 
 
-def _records(path: str, required: Sequence[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_records(path: str, required: Sequence[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
   """``(where, record)`` for every record of a JSONL, TSV (with header) or Parquet file.
 
   ``where`` is ``"path:line"`` (JSONL, TSV) or ``"path: row i"`` (Parquet), the
@@ -261,7 +261,7 @@ def read_text_pairs(path: str) -> TextPairs:
   anchors, positives, negatives = [], [], []
   neg_cols: tuple[str, ...] | None = None
   first = ""
-  for where, record in _records(path, PAIR_COLUMNS):
+  for where, record in read_records(path, PAIR_COLUMNS):
     try:
       cols = negative_columns(list(record))
     except ValueError as e:
@@ -300,7 +300,7 @@ def read_scored_pairs(
     raise ValueError(f"columns must name two texts and a score, got {columns!r}")
   col_a, col_b, col_score = columns
   texts_a, texts_b, scores = [], [], []
-  for where, record in _records(path, columns):
+  for where, record in read_records(path, columns):
     texts_a.append(_text(where, record, col_a))
     texts_b.append(_text(where, record, col_b))
     if col_score not in record:

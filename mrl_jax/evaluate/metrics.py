@@ -224,3 +224,17 @@ def retrieval_metrics(neighbors: np.ndarray, database_labels: np.ndarray,
     out[f"recall@{k}"] = recall_at_k(rel, k, num_rel)
     out[f"map@{k}"] = map_at_k(rel, k, denominator=map_denominator, num_relevant=num_rel)
   return out
+
+
+def mrr_at_k(rel: np.ndarray, k: int) -> float:
+  """``MRR@k = mean_q 1 / (rank of the first relevant item)``, 0 when none is in the top ``k``
+  (MS MARCO's MRR@10 at ``k = 10``).
+
+  Args:
+    rel: ``[Q, K]`` relevance, best first.
+    k: cut-off, ``<= K``.
+  """
+  _check_k(rel, k)
+  hit = np.asarray(rel[:, :k], bool)
+  first = np.argmax(hit, axis=1)
+  return float(np.mean(np.where(hit.any(axis=1), 1.0 / (first + 1), 0.0)))
