@@ -216,7 +216,7 @@ def test_non_utf8_and_nan_embeddings_name_the_line(setup, tmp_path):
     real = index.encoder.embed
 
     def embed_with_nan(texts, **kwargs):  # a model that breaks on one input
-      out = real(texts, **kwargs)
+      out = np.array(real(texts, **kwargs))  # a writable copy
       out[[i for i, t in enumerate(texts) if t == "the red house"]] = np.nan
       return out
 
