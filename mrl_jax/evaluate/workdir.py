@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mrl_jax import fileio
 from mrl_jax.evaluate.report import evaluate_nested
 from mrl_jax.evaluate.text import evaluate_text
 from mrl_jax.inference import Encoder
@@ -36,10 +37,10 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   try:
     with open(path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
+      return ml_collections.ConfigDict(fileio.loads_json(f.read()))
   except FileNotFoundError:
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir") from None
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+  except ValueError as e:  # bad UTF-8 or JSON, a duplicated key
     raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 

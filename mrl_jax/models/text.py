@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -389,8 +388,9 @@ def _encode(model: TextEncoder, params: Any, input_ids: jax.Array, attention_mas
 
 
 def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  from mrl_jax import fileio
+
+  return fileio.read_json(path)  # strict: duplicate keys, NaN, deep nesting refused
 
 
 def load_hf_bert(local_dir: str, *, pooling: str | None = None, max_length: int | None = None,
