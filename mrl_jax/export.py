@@ -349,9 +349,10 @@ def check_config_ints(config: Any, header: Mapping[str, tuple[str, tuple[int, ..
                       where: str, *, extra_bound: int = 0) -> None:
   """Bound every int in a model config section by the tensors present, before building it.
 
-  A layer count cannot exceed the number of tensors, and a width cannot exceed the
-  largest tensor dimension: so ``num_layers: 1000000`` or a width of ``1e12`` is
-  refused here in microseconds instead of building (or overflowing in) a huge model.
+  A layer count (an int, or the length of a list of widths) cannot exceed the number
+  of tensors, and a width cannot exceed the largest tensor dimension: so
+  ``num_layers: 1000000`` or a width of ``1e12`` is refused here in microseconds
+  instead of building (or overflowing in) a huge model.
 
   Raises:
     BundleError: naming ``where`` and the field path.
@@ -369,6 +370,9 @@ def check_config_ints(config: Any, header: Mapping[str, tuple[str, tuple[int, ..
       for k, v in value.items():
         walk(v, f"{name}.{k}")
     elif isinstance(value, list):
+      if len(value) > len(header):  # one layer per entry (hidden widths): >= 1 tensor each
+        raise BundleError(f"{where}: {name} lists {len(value)} entries, more than the "
+                          f"{len(header)} tensors of the weights; the config does not match them")
       for i, v in enumerate(value):
         walk(v, f"{name}[{i}]")
 
