@@ -25,7 +25,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mrl_jax import train_lib
+from mrl_jax import config_lib, train_lib
 from mrl_jax.checkpoints import CheckpointError
 from mrl_jax.export import BundleError
 from mrl_jax.preemption import Preempted
@@ -84,7 +84,10 @@ def main(argv):
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad ``--config.FIELD`` reported in one line (exit 2)."""
   try:
-    return FLAGS(argv)
+    argv, none_fields = config_lib.split_none_overrides(argv)  # --config.FIELD=None
+    rest = FLAGS(argv)
+    config_lib.apply_none_overrides(FLAGS.config, none_fields)
+    return rest
   except flags.Error as e:
     problem = str(e)
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not have

@@ -94,6 +94,10 @@ class Checkpointer:
     checksums: store a SHA-256 of every array with each step and check the
       arrays read by :meth:`restore` / :meth:`restore_subtree` against it.
       Arrays split over several processes are not hashed (no host holds them).
+    allow_unverified: restore a step whose metadata has no ``checksums`` record
+      (saved with ``checksums=False``, or the record removed) without checking its
+      arrays. Off by default: such a step is refused, naming this option
+      (``config.allow_unverified_checkpoints`` in training configs).
 
   Raises:
     ValueError: a bad argument (naming it).
@@ -103,7 +107,7 @@ class Checkpointer:
   def __init__(self, directory: str, metadata: dict[str, Any] | None = None, *,
                max_to_keep: int = 2, best_metric: str | None = None,
                best_mode: str = "max", async_save: bool = False, read_only: bool = False,
-               checksums: bool = True):
+               checksums: bool = True, allow_unverified: bool = False):
     if not isinstance(directory, str | os.PathLike) or not os.fspath(directory):
       raise ValueError(f"directory={directory!r}; pass the folder for the step folders")
     if (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int | np.integer)
@@ -120,6 +124,7 @@ class Checkpointer:
     self.best_metric = best_metric
     self.best_mode = best_mode
     self.checksums = bool(checksums)
+    self.allow_unverified = bool(allow_unverified)
     self._metrics: dict[int, Mapping[str, float]] = {}  # step -> metrics ranked by best_step
     self._keep: set[int] = set()  # steps that lost their metrics and cannot be ranked
     policy: Any = ocp.checkpoint_managers.LatestN(n=int(max_to_keep))
@@ -318,6 +323,13 @@ class Checkpointer:
     if not ocp.type_handlers.is_ocdbt_checkpoint(state_dir):
       raise CheckpointError(f"checkpoint {path} could not be restored: its array index "
                             f"{os.path.join(state_dir, 'manifest.ocdbt')} is missing")
+    if self.checksums and not self.allow_unverified and not isinstance(
+        stored.get("checksums"), dict):
+      raise CheckpointError(
+          f"checkpoint {path} has no checksums record in its metadata (saved with "
+          "checksums=False, or the record was removed), so a changed array byte would restore "
+          "silently; refusing it. To restore it unchecked, opt in: "
+          "Checkpointer(allow_unverified=True) / --config.allow_unverified_checkpoints=True")
     records = stored.get("checksums", {}).get("arrays", {}) if self.checksums else {}
     # Read each array as saved; a target of another dtype is cast after the check.
     saved_dtype = jax.tree_util.tree_map_with_path(

@@ -65,9 +65,54 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.max_to_keep = 2  # >= 1: the latest checkpoints kept (plus the best one)
   config.async_checkpointing = True  # write checkpoints in the background
+  # Restore steps without a checksums record unchecked (else refused, naming this field).
+  config.allow_unverified_checkpoints = False
   config.best_metric = placeholder(str)  # e.g. "top1/dim_8": also keep the best eval step
   config.best_mode = "max"  # or "min" (for a loss)
   return config
+
+
+NONE_VALUES = ("None", "none", "null")
+
+
+def split_none_overrides(argv: list[str], flag: str = "config") -> tuple[list[str], list[str]]:
+  """Take the ``--config.FIELD=None`` arguments out of ``argv`` (ml_collections cannot parse
+  ``None`` for a typed field: ``invalid literal for int()``).
+
+  Returns:
+    ``(the other arguments, the FIELD names)``; give the names to
+    :func:`apply_none_overrides` once the config is parsed.
+  """
+  rest, fields = [], []
+  for arg in argv:
+    name, eq, value = arg.partition("=")
+    if eq and name.startswith(f"--{flag}.") and value in NONE_VALUES:
+      fields.append(name.removeprefix(f"--{flag}."))
+    else:
+      rest.append(arg)
+  return rest, fields
+
+
+def apply_none_overrides(config: ml_collections.ConfigDict, fields: list[str]) -> None:
+  """Set each dotted ``field`` of ``config`` to None (see :func:`split_none_overrides`).
+
+  Raises:
+    ValueError: naming a field the config does not have, or one that cannot be None.
+  """
+  for field in fields:
+    *scopes, leaf = field.split(".")
+    node = config
+    for scope in scopes:
+      if not isinstance(node, ml_collections.ConfigDict) or scope not in node:
+        raise ValueError(f"--config.{field}=None: the config has no field {field!r}")
+      node = node[scope]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ValueError(f"--config.{field}=None: the config has no field {field!r}")
+    try:
+      with node.unlocked() if node.is_locked else contextlib.nullcontext():
+        node[leaf] = None
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"--config.{field}=None: config.{field} cannot be None ({e})") from None
 
 
 @contextlib.contextmanager
@@ -163,9 +208,14 @@ def _check_shared(config: ml_collections.ConfigDict, num_devices: int | None) ->
                      "devices")
   if config.num_train_steps is None and config.num_epochs is None:
     raise ValueError("set config.num_train_steps or config.num_epochs")
+  if config.num_train_steps is not None and config.num_epochs is not None:
+    # Neither silently wins: a --config.num_epochs=E over a file's step count would be lost.
+    raise ValueError(f"config.num_train_steps={config.num_train_steps!r} and config.num_epochs="
+                     f"{config.num_epochs!r} are both set; the run length is one of them: pass "
+                     "--config.num_train_steps=None to train by epochs, or "
+                     "--config.num_epochs=None to train by steps")
   if config.num_train_steps is not None:
     positive_int(config.num_train_steps, "num_train_steps")
-    config.num_epochs = None  # a step count that is set wins (--config.num_train_steps=N)
   else:
     if not (_is_number(config.num_epochs) and math.isfinite(config.num_epochs)
             and config.num_epochs > 0):

@@ -189,7 +189,8 @@ class Experiment:
         {"config": json.loads(config_lib.to_json(config)), "task": config.task,
          "dims": list(self.dims), **self.task.checkpoint_metadata()},
         max_to_keep=config.max_to_keep, best_metric=self.best_metric,
-        best_mode=config.best_mode, async_save=bool(config.async_checkpointing))
+        best_mode=config.best_mode, async_save=bool(config.async_checkpointing),
+        allow_unverified=bool(config.get("allow_unverified_checkpoints", False)))
     latest = self.checkpointer.latest_step()
     if latest is not None:
       if latest > self.total_steps:
