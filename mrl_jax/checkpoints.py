@@ -52,6 +52,12 @@ import mrl_jax
 # them changed cannot work, so it is refused up front.
 MODEL_FIELDS = ("dataset", "encoder", "head", "nesting", "ff_dim", "optimizer")
 BEST_MODES = ("max", "min")
+# Shape records of the model that tasks store with each step (compared on restore).
+MODEL_RECORDS = ("bert_config",)
+_HINTS = {"max_position_embeddings": " (set by config.max_length: the rows of the position "
+                                     "embeddings; resume with the max_length of the run)",
+          "vocab_size": " (the vocabulary: workdir/assets/tokenizer.json or config.model_dir "
+                        "changed since the checkpoint)"}
 HASH = "sha256"
 # Orbax's names inside a step folder; used only to name files in error messages and to
 # find a corrupt metrics file Orbax cannot say the name of.
@@ -266,6 +272,12 @@ class Checkpointer:
       # Orbax logs an unreadable metadata file and returns no custom metadata.
       problem = _json_problem(path) or "it holds no mrl_jax metadata"
       raise CheckpointError(f"checkpoint metadata {path} is missing or corrupt: {problem}")
+    if stored["step"] != step:
+      folder = os.path.join(self.directory, str(step))
+      raise CheckpointError(
+          f"checkpoint folder {folder} disagrees with the step inside it: its metadata "
+          f"({path}) says step {stored['step']!r}; was the folder renamed? Rename it back to "
+          f"{stored['step']!r} (a step's optimizer state and data position belong to it)")
     return stored
 
   def check_model(self, step: int) -> dict:
@@ -282,6 +294,16 @@ class Checkpointer:
       raise CheckpointError(
           f"checkpoint {os.path.join(self.directory, str(step))} was written by a different "
           f"model config: {json.dumps(diff)}")
+    # The model's own shape record (a task's checkpoint_metadata), where both have one: it
+    # holds what the config fields above do not fix (text: max_length, the vocabulary).
+    for record in MODEL_RECORDS:
+      now, then = self.metadata.get(record), stored.get(record)
+      if isinstance(now, dict) and isinstance(then, dict) and now != then:
+        diff = [f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}{_HINTS.get(k, '')}"
+                for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        raise CheckpointError(
+            f"checkpoint {os.path.join(self.directory, str(step))} holds a model of another "
+            f"shape ({record}): {'; '.join(diff)}")
     return stored
 
   def restore(self, step: int, target: Any) -> Any:

@@ -191,21 +191,29 @@ class Experiment:
         max_to_keep=config.max_to_keep, best_metric=self.best_metric,
         best_mode=config.best_mode, async_save=bool(config.async_checkpointing),
         allow_unverified=bool(config.get("allow_unverified_checkpoints", False)))
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      if latest > self.total_steps:
-        self.checkpointer.close()
-        raise WorkdirAheadError(
-            f"{self.workdir} already holds step {latest}, past this run's last step "
-            f"{self.total_steps}: use another workdir, or raise num_train_steps/num_epochs to "
-            "continue it")
-      self.state = self.checkpointer.restore(latest, self.state)
-      _warn_if_data_order_changed(self.checkpointer.read_metadata(latest).get("data_position"),
-                                  self.task.data_position(latest), self.checkpointer.directory)
+    try:
+      self._resume()
+    except BaseException:
+      self.checkpointer.close()  # else Orbax's threads print a traceback after the error
+      raise
     self._to_global = functools.partial(sharding_lib.as_global,
                                         sharding=sharding_lib.batch_sharding(self.mesh))
     self._train_step = jit_train_step(self.task, self.schedule, self.mesh,
                                       jax.tree.map(lambda x: x.sharding, self.state))
+
+  def _resume(self) -> None:
+    """Restore the latest checkpoint, if any, into ``self.state``."""
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return
+    if latest > self.total_steps:
+      raise WorkdirAheadError(
+          f"{self.workdir} already holds step {latest}, past this run's last step "
+          f"{self.total_steps}: use another workdir, or raise num_train_steps/num_epochs to "
+          "continue it")
+    self.state = self.checkpointer.restore(latest, self.state)
+    _warn_if_data_order_changed(self.checkpointer.read_metadata(latest).get("data_position"),
+                                self.task.data_position(latest), self.checkpointer.directory)
 
   @property
   def step(self) -> int:
