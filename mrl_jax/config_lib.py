@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import Any
 
 import ml_collections
@@ -208,14 +209,15 @@ def _check_shared(config: ml_collections.ConfigDict, num_devices: int | None) ->
                      "devices")
   if config.num_train_steps is None and config.num_epochs is None:
     raise ValueError("set config.num_train_steps or config.num_epochs")
-  if config.num_train_steps is not None and config.num_epochs is not None:
-    # Neither silently wins: a --config.num_epochs=E over a file's step count would be lost.
-    raise ValueError(f"config.num_train_steps={config.num_train_steps!r} and config.num_epochs="
-                     f"{config.num_epochs!r} are both set; the run length is one of them: pass "
-                     "--config.num_train_steps=None to train by epochs, or "
-                     "--config.num_epochs=None to train by steps")
   if config.num_train_steps is not None:
     positive_int(config.num_train_steps, "num_train_steps")
+    if config.num_epochs is not None:
+      # Documented precedence (a step count wins, e.g. --config.num_train_steps=7 over a
+      # paper config's epochs), said out loud: a --config.num_epochs=E is never lost silently.
+      warnings.warn(f"config.num_epochs={config.num_epochs!r} is ignored: config.num_train_steps="
+                    f"{config.num_train_steps} is set and wins; to train by epochs pass "
+                    "--config.num_train_steps=None", UserWarning, stacklevel=2)
+    config.num_epochs = None
   else:
     if not (_is_number(config.num_epochs) and math.isfinite(config.num_epochs)
             and config.num_epochs > 0):

@@ -190,7 +190,7 @@ def text_problem(text: str) -> str | None:
   and one holding a lone surrogate (``"\\ud800"`` in JSON: not encodable as UTF-8,
   so not tokenisable).
   """
-  if not text.strip():
+  if not text.strip(" \t\n\r\f\v"):
     return "is an empty text"
   if all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text):
     codes = ", ".join(f"U+{ord(ch):04X}" for ch in dict.fromkeys(text))
