@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from mrl_jax import experiments
 from mrl_jax.bundle.artifact import BundleError
+from mrl_jax.train import config as config_lib
 from mrl_jax.train import loop, specs
 from mrl_jax.train.checkpoints import CheckpointError
 from mrl_jax.train.preemption import Preempted
@@ -88,7 +89,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     specs.check_no_moved_fields(
         arg.split("=", 1)[0].removeprefix("--config.") for arg in argv[1:]
         if arg.startswith("--config.") and "." not in arg.split("=", 1)[0][len("--config."):])
-    return FLAGS(argv)
+    argv, none_fields = config_lib.split_none_overrides(argv)  # --config.FIELD=None
+    rest = FLAGS(argv)
+    config_lib.apply_none_overrides(FLAGS.config, none_fields)
+    return rest
   except flags.Error as e:
     problem = str(e)
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not have

@@ -14,6 +14,20 @@ from typing import Any
 import numpy as np
 
 
+def check_encodable(texts: Sequence[str], name: str = "texts") -> None:
+  """Refuse a text holding a lone surrogate (tokenizers raises a bare TypeError for it).
+
+  Raises:
+    ValueError: naming ``name[i]`` and the character position.
+  """
+  for i, t in enumerate(texts):
+    try:
+      t.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ValueError(f"{name}[{i}] holds a lone surrogate U+{ord(t[e.start]):04X} at "
+                       f"character {e.start}: not Unicode text, cannot be tokenised") from None
+
+
 def bucket_lengths(max_length: int, *, smallest: int = 32) -> tuple[int, ...]:
   """Padded lengths for batches: powers of two from ``smallest`` below ``max_length``, then it.
 
@@ -91,6 +105,7 @@ class TextTokenizer:
       raise ValueError("no texts to tokenize")
     if not all(isinstance(t, str) for t in texts):
       raise ValueError(f"texts must be strings, got {[type(t).__name__ for t in texts][:5]}")
+    check_encodable(texts)
     return self.tokenizer.encode_batch(texts)
 
   def padded_length(self, encodings: Sequence[Any], *, pad_to: int | None = None,

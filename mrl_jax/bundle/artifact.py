@@ -23,7 +23,9 @@ stays complete until the new one is.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -41,6 +43,11 @@ METADATA_FILE = "mrl_jax.json"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODALITIES = ("image", "text", "embedding")
+# Files a hosting service adds to a folder (a Hub upload): allowed unlisted, never read.
+UNLISTED_ALLOWED = ("README.md", ".gitattributes")
+METADATA_DIGEST = "metadata_sha256"  # the SHA-256 of mrl_jax.json's other fields (canonical)
+MAX_WEIGHT = 1e6  # nesting weights above this are a corrupt or hand-edited file
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 BundleError = fileio.BundleError  # one error type for every bundle problem
@@ -154,6 +161,7 @@ def write_metadata(out_dir: str, *, modality: str, dims: list[int], weights: lis
               "matryoshka_weights": [float(w) for w in weights],
               "step": step, "training_config": training_config, "sha256": files,
               **(extra or {})}
+  metadata[METADATA_DIGEST] = metadata_digest(metadata)
   fileio.write_json(os.path.join(out_dir, METADATA_FILE), metadata, what=METADATA_FILE)
   return metadata
 
@@ -164,17 +172,28 @@ def read_json(path: str, what: str = "bundle file") -> Any:
   return fileio.read_json(path)
 
 
-def read_metadata(path: str, *, verify: bool = True) -> dict[str, Any]:
-  """``mrl_jax.json`` of a bundle, its format checked and (``verify``) every file's hash.
+def metadata_digest(metadata: Mapping[str, Any]) -> str:
+  """Hex SHA-256 of ``metadata`` without :data:`METADATA_DIGEST`, as canonical JSON.
+
+  Canonical: :func:`mrl_jax.core.fileio.dumps_json` (sorted keys, 2-space indent), so
+  the digest does not depend on how the file was formatted, only on its values.
+  """
+  rest = {k: v for k, v in metadata.items() if k != METADATA_DIGEST}
+  return hashlib.sha256(fileio.dumps_json(rest, what=METADATA_FILE).encode("utf-8")).hexdigest()
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_metadata(meta: Any, file: str) -> dict[str, Any]:
+  """``mrl_jax.json`` checked field by field (types, domains) and against its own digest.
 
   Raises:
-    BundleError: naming the file: missing, unreadable, another format, or a
-      file whose bytes differ from those written (corruption or tampering).
+    BundleError: naming ``file`` and the field.
   """
-  file = os.path.join(path, METADATA_FILE)
-  if not os.path.isdir(path):
-    raise BundleError(f"no exported encoder at {path} (not a folder)")
-  meta = read_json(file, "bundle metadata")
+  bad = lambda field, why: BundleError(f"bundle metadata {file}: {field}={meta.get(field)!r} "
+                                       f"{why}")
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise BundleError(f"bundle metadata {file}: not an mrl_jax bundle (format is not {FORMAT!r})")
   if meta.get("format_version") != FORMAT_VERSION:
@@ -183,17 +202,103 @@ def read_metadata(path: str, *, verify: bool = True) -> dict[str, Any]:
   if meta.get("modality") not in MODALITIES:
     raise BundleError(f"bundle metadata {file}: modality {meta.get('modality')!r} is not one "
                       f"of {MODALITIES}")
+  for field in ("mrl_jax_version", "task"):
+    if not isinstance(meta.get(field), str):
+      raise bad(field, "must be a string")
+  if not isinstance(meta.get("is_matryoshka"), bool):
+    raise bad("is_matryoshka", "must be a JSON bool (true or false)")
+  dims = meta.get("matryoshka_dimensions")
+  if not isinstance(dims, list) or not dims or not all(_is_int(d) and d >= 1 for d in dims) \
+      or dims != sorted(set(dims)):
+    raise bad("matryoshka_dimensions", "must be a non-empty, strictly increasing list of "
+              "positive ints")
+  weights = meta.get("matryoshka_weights")
+  if not isinstance(weights, list) or len(weights) != len(dims) or not all(
+      isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+      and 0 <= w <= MAX_WEIGHT for w in weights) or not sum(weights) > 0:
+    raise bad("matryoshka_weights", f"must be {len(dims)} numbers in [0, {MAX_WEIGHT:g}] (one "
+              "per dim), not all 0")
+  step = meta.get("step")
+  if step is not None and not (_is_int(step) and step >= 0):
+    raise bad("step", "must be null or an int >= 0")
+  if meta.get("training_config") is not None and not isinstance(meta["training_config"], dict):
+    raise bad("training_config", "must be null or a JSON object")
   hashes = meta.get("sha256")
   if not isinstance(hashes, dict) or WEIGHTS_FILE not in hashes:
     raise BundleError(f"bundle metadata {file}: no sha256 entry for {WEIGHTS_FILE}")
+  for name, want in hashes.items():
+    if not isinstance(want, str) or not _HEX64.match(want):
+      raise BundleError(f"bundle metadata {file}: sha256[{name!r}]={want!r} is not 64 hex "
+                        "digits")
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == ".." \
+        or name != os.path.normpath(name) or name == METADATA_FILE:
+      raise BundleError(f"bundle metadata {file}: file name {name!r} leaves the bundle or is "
+                        "not a plain relative path")
+  digest = meta.get(METADATA_DIGEST)
+  if not isinstance(digest, str) or not _HEX64.match(digest):
+    raise BundleError(f"bundle metadata {file}: {METADATA_DIGEST} is missing or not 64 hex "
+                      "digits (written by an older mrl_jax, or edited): re-export the bundle")
+  if digest.lower() != metadata_digest(meta):
+    raise BundleError(f"bundle metadata {file}: its fields changed since export "
+                      f"({METADATA_DIGEST} mismatch): corrupt or tampered; re-export it")
+  return meta
+
+
+def bundle_files(path: str) -> list[str]:
+  """Every file under the bundle folder ``path`` (relative, sorted); symlinks refused.
+
+  Raises:
+    BundleError: naming a symlink (file or folder) or anything that is not a regular
+      file or folder: a bundle is read from inside its folder only.
+  """
+  out = []
+  for root, dirs, names in os.walk(path):
+    for name in sorted(dirs + names):
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, path)
+      if os.path.islink(full):
+        raise BundleError(f"bundle {path}: {rel} is a symbolic link; a bundle holds regular "
+                          "files only (copy the target in and re-export)")
+      if name in names:
+        if not os.path.isfile(full):
+          raise BundleError(f"bundle {path}: {rel} is not a regular file")
+        out.append(rel)
+  return sorted(out)
+
+
+def read_metadata(path: str, *, verify: bool = True) -> dict[str, Any]:
+  """``mrl_jax.json`` of a bundle, validated field by field, and (``verify``) the bundle whole.
+
+  ``verify`` checks that every file in the folder is listed in ``sha256`` (except
+  ``mrl_jax.json``, covered by its own :data:`METADATA_DIGEST`, and
+  :data:`UNLISTED_ALLOWED`), that every listed file is a regular file inside the
+  folder (no symlinks), and that its SHA-256 matches (hex in any case).
+
+  Raises:
+    BundleError: naming the file: missing, unreadable, another format, a field of
+      the wrong type or outside its domain, an unlisted or symlinked file, or a
+      file whose bytes differ from those written (corruption or tampering).
+  """
+  file = os.path.join(path, METADATA_FILE)
+  if not os.path.isdir(path):
+    raise BundleError(f"no exported encoder at {path} (not a folder)")
+  if os.path.islink(file):
+    raise BundleError(f"bundle {path}: {METADATA_FILE} is a symbolic link; a bundle holds "
+                      "regular files only")
+  meta = validate_metadata(read_json(file, "bundle metadata"), file)
+  hashes = meta["sha256"]
   if verify:
+    present = bundle_files(path)
+    unlisted = [n for n in present if n not in hashes and n != METADATA_FILE
+                and n not in UNLISTED_ALLOWED]
+    if unlisted:
+      raise BundleError(f"bundle {path}: {unlisted[:5]} not listed in {METADATA_FILE}'s sha256 "
+                        "(added or renamed after export); remove them or re-export")
     for name, want in hashes.items():
       target = os.path.join(path, name)
-      if os.path.normpath(name).startswith("..") or os.path.isabs(name):
-        raise BundleError(f"bundle metadata {file}: file name {name!r} leaves the bundle")
-      if not os.path.isfile(target):
+      if name not in present:
         raise BundleError(f"bundle {path}: {name} is missing")
-      if sha256_file(target) != want:
+      if sha256_file(target) != want.lower():
         raise BundleError(f"bundle {path}: the bytes of {name} changed since export "
                           "(SHA-256 mismatch): corrupt or tampered; re-export it")
   return meta
@@ -216,6 +321,94 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
     return load_file(file)
   except (SafetensorError, OSError) as e:
     raise BundleError(f"bundle {path}: cannot read {file}: {e}") from None
+
+
+def read_header(file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """``{name: (dtype, shape)}`` from a safetensors file's header: no array is read.
+
+  Raises:
+    BundleError: naming ``file`` when it is missing or not a safetensors file.
+  """
+  from safetensors import safe_open
+
+  try:
+    with safe_open(file, framework="numpy") as f:
+      return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape()))
+              for name in f.keys()}
+  except Exception as e:  # safetensors raises its own error types
+    raise BundleError(f"{file} is not a readable safetensors file: {type(e).__name__}: "
+                      f"{e}") from None
+
+
+# Elements of one example's input above which a config is refused before anything is
+# built (2**26 float32: 256 MiB per example, e.g. 4096 x 4096 x 4).
+MAX_INPUT_ELEMENTS = 1 << 26
+
+
+def check_config_ints(config: Any, header: Mapping[str, tuple[str, tuple[int, ...]]],
+                      where: str, *, extra_bound: int = 0) -> None:
+  """Bound every int in a model config section by the tensors present, before building it.
+
+  A layer count (an int, or the length of a list of widths) cannot exceed the number
+  of tensors, and a width cannot exceed the largest tensor dimension: so
+  ``num_layers: 1000000`` or a width of ``1e12`` is refused here in microseconds
+  instead of building (or overflowing in) a huge model.
+
+  Raises:
+    BundleError: naming ``where`` and the field path.
+  """
+  bound = max([len(header), extra_bound] + [max(s, default=1) for _, s in header.values()])
+
+  def walk(value: Any, name: str) -> None:
+    if isinstance(value, bool):
+      return
+    if isinstance(value, int) and not 0 <= value <= bound:
+      raise BundleError(f"{where}: {name}={value} is outside [0, {bound}] (the model's "
+                        "tensors allow no more: number of tensors and their largest "
+                        "dimension); the config does not match the weights")
+    if isinstance(value, dict):
+      for k, v in value.items():
+        walk(v, f"{name}.{k}")
+    elif isinstance(value, list):
+      if len(value) > len(header):  # one layer per entry (hidden widths): >= 1 tensor each
+        raise BundleError(f"{where}: {name} lists {len(value)} entries, more than the "
+                          f"{len(header)} tensors of the weights; the config does not match them")
+      for i, v in enumerate(value):
+        walk(v, f"{name}[{i}]")
+
+  walk(config, "config")
+
+
+def check_header(header: Mapping[str, tuple[str, tuple[int, ...]]],
+                 expected: Mapping[str, Any], where: str, *, dtype: str = "F32") -> None:
+  """The safetensors header against the model's abstract arrays: names, shapes and dtype.
+
+  Raises:
+    BundleError: listing missing/unexpected arrays, shape mismatches and arrays
+      whose dtype is not ``dtype`` (as exported: float32).
+  """
+  want = flatten_shapes(expected)
+  have = {k: s for k, (_, s) in header.items()}
+  problems = [f"{k}: missing (expected shape {want[k]})" for k in want if k not in have]
+  problems += [f"{k}: unexpected array of shape {have[k]}" for k in have if k not in want]
+  problems += [f"{k}: shape {have[k]}, expected {want[k]}"
+               for k in want if k in have and have[k] != want[k]]
+  problems += [f"{k}: dtype {d}, exported as {dtype}" for k, (d, _) in header.items()
+               if d != dtype]
+  if problems:
+    raise BundleError(f"{where}: the arrays do not match the model config: "
+                      + "; ".join(problems[:5]))
+
+
+def flatten_shapes(tree: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[int, ...]]:
+  """``{"a": {"b": x}} -> {"a.b": shape of x}`` (for abstract arrays too)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(flatten_shapes(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = tuple(np.shape(value))
+  return out
 
 
 def check_tree(stored: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:

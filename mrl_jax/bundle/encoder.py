@@ -42,6 +42,7 @@ from mrl_jax.core.heads import FixedFeatureHead, MRLHead
 from mrl_jax.core.nesting import Nesting
 from mrl_jax.models.adaptor import MatryoshkaAdaptor
 from mrl_jax.models.text import TextEncoder
+from mrl_jax.tokenizer import check_encodable
 
 # Padded batch sizes: a batch of n rows runs in chunks of the largest size, the
 # last chunk padded up to the smallest size that holds it.
@@ -404,6 +405,7 @@ class Encoder:
     if isinstance(texts, str) or not isinstance(texts, Sequence) \
         or not all(isinstance(t, str) for t in texts):
       raise ValueError("a text encoder embeds a list of str (one string: wrap it in a list)")
+    check_encodable(texts, "inputs")  # a lone surrogate: named, not tokenizers' TypeError
     out = [np.zeros((0, self.embed_dim), np.float32)]
     for start, size, padded in self._progress(padded_chunks(len(texts), sizes), show):
       chunk = list(texts[start:start + size]) + [""] * (padded - size)
@@ -502,13 +504,53 @@ def _validate_common(config: dict, metadata: dict, path: str, embed_dim: int) ->
     raise BundleError(f"bundle {path}: matryoshka_dimensions {dims} must be strictly increasing")
 
 
-def _load_image(path: str, config: dict, metadata: dict) -> dict[str, Any]:
-  embed_dim = int(config["embed_dim"])
-  _validate_common(config, metadata, path, embed_dim)
-  shape = tuple(config["input"]["shape"])
+HEAD_KINDS = ("mrl", "mrl_e", "ff")
+
+
+def _typed(config: dict, path: str, field: str, kind: type | tuple, *, choices=None) -> Any:
+  """``config[field]`` when it has JSON type ``kind`` (and is one of ``choices``)."""
+  value = config.get(field) if isinstance(config, dict) else None
+  ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+  if not ok or (choices is not None and value not in choices):
+    want = f"one of {list(choices)}" if choices else {bool: "a JSON bool (true or false)",
+                                                     int: "an int", dict: "a JSON object",
+                                                     list: "a JSON list"}.get(kind, str(kind))
+    raise BundleError(f"bundle {path}: config.json {field}={value!r} must be {want}")
+  return value
+
+
+def _input_shape(config: dict, path: str) -> tuple[int, ...]:
+  shape = _typed(_typed(config, path, "input", dict), path, "shape", list)
   if not shape or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
                           for n in shape):
     raise BundleError(f"bundle {path}: input.shape {shape!r} must be positive ints")
+  if int(np.prod(shape, dtype=np.float64)) > export_lib.MAX_INPUT_ELEMENTS:
+    raise BundleError(f"bundle {path}: input.shape {shape} has more than "
+                      f"{export_lib.MAX_INPUT_ELEMENTS} elements per example; refusing it "
+                      "before building anything")
+  return tuple(shape)
+
+
+def _check_matryoshka_flag(config: dict, metadata: dict, path: str) -> None:
+  flag = _typed(config, path, "is_matryoshka", bool)
+  if flag != metadata["is_matryoshka"]:
+    raise BundleError(f"bundle {path}: is_matryoshka differs between config.json ({flag}) and "
+                      f"mrl_jax.json ({metadata['is_matryoshka']})")
+
+
+def _load_image(path: str, config: dict, metadata: dict) -> dict[str, Any]:
+  embed_dim = _typed(config, path, "embed_dim", int)
+  _validate_common(config, metadata, path, embed_dim)
+  _check_matryoshka_flag(config, metadata, path)
+  half = _typed(config, path, "half_precision", bool)
+  head_cfg = _typed(config, path, "head", dict)
+  kind = _typed(head_cfg, path, "kind", str, choices=HEAD_KINDS)
+  shape = _input_shape(config, path)
+  # Everything the model's size depends on is bounded by the header before building it.
+  header = export_lib.read_header(os.path.join(path, export_lib.WEIGHTS_FILE))
+  export_lib.check_config_ints({"encoder": _typed(config, path, "encoder", dict),
+                                "embed_dim": embed_dim, "head": head_cfg}, header,
+                               f"bundle {path}: config.json")
   pre = config.get("preprocessing") or {}
   for key in ("scale", "offset"):
     values = np.asarray(pre.get(key), dtype=object).reshape(-1)
@@ -516,19 +558,19 @@ def _load_image(path: str, config: dict, metadata: dict) -> dict[str, Any]:
                                   and np.isfinite(v) for v in values):
       raise BundleError(f"bundle {path}: preprocessing.{key}={pre.get(key)!r} must be finite "
                         "numbers")
-  encoder = models.build_encoder(config["encoder"], config["half_precision"])
-  head_cfg = config["head"]
-  if head_cfg["kind"] == "ff":
+  encoder = models.build_encoder(config["encoder"], half)
+  if kind == "ff":
     head = FixedFeatureHead(int(head_cfg["num_classes"]), int(head_cfg["dims"][0]))
   else:
-    head = MRLHead(int(head_cfg["num_classes"]), tuple(head_cfg["dims"]),
-                   tied=head_cfg["kind"] == "mrl_e")
-  x0 = jnp.zeros((1, *shape), jnp.float32)
-  want_enc = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), x0, train=False))
+    head = MRLHead(int(head_cfg["num_classes"]), tuple(head_cfg["dims"]), tied=kind == "mrl_e")
+  # Abstract inputs: eval_shape allocates nothing (a zeros((1, *shape)) would).
+  x0 = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+  want_enc = jax.eval_shape(lambda x: encoder.init(jax.random.PRNGKey(0), x, train=False), x0)
   want_head = jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0),
                                                jnp.zeros((1, embed_dim), jnp.float32)))
   want = {"encoder": {k: v for k, v in want_enc.items() if jax.tree.leaves(v)},
           "head": {k: v for k, v in want_head.items() if jax.tree.leaves(v)}}
+  export_lib.check_header(header, want, f"bundle {path}: {export_lib.WEIGHTS_FILE}")
   stored = export_lib.unflatten(export_lib.load_weights(path))
   export_lib.check_tree(stored, want, f"bundle {path}")
   variables = _single_device(stored)
@@ -539,7 +581,7 @@ def _load_image(path: str, config: dict, metadata: dict) -> dict[str, Any]:
 
   def heads(v, x):
     logits = head.apply(v["head"], encoder.apply(v["encoder"], x, train=False))
-    return logits[None] if head_cfg["kind"] == "ff" else logits
+    return logits[None] if kind == "ff" else logits
 
   return {"variables": variables, "forward": forward, "embed_dim": embed_dim,
           "heads": jax.jit(heads)}
@@ -554,9 +596,10 @@ def _load_text(path: str, config: dict, metadata: dict) -> dict[str, Any]:
     raise BundleError(f"bundle {path}: {e}") from e
   cfg = bert.model.config
   _validate_common(config, metadata, path, cfg.hidden_size)
-  if not config.get("is_matryoshka", False) == metadata["is_matryoshka"]:
-    raise BundleError(f"bundle {path}: is_matryoshka differs between config.json and "
-                      "mrl_jax.json")
+  if config.get("is_matryoshka", False) is not metadata["is_matryoshka"]:  # typed: bools only
+    raise BundleError(f"bundle {path}: config.json is_matryoshka="
+                      f"{config.get('is_matryoshka', False)!r} differs from mrl_jax.json's "
+                      f"{metadata['is_matryoshka']} (both must be JSON bools)")
   models_by_layers: dict[int | None, TextEncoder] = {None: bert.model}
 
   def forward(v, inputs, layers):
@@ -573,19 +616,23 @@ def _load_text(path: str, config: dict, metadata: dict) -> dict[str, Any]:
 
 
 def _load_embedding(path: str, config: dict, metadata: dict) -> dict[str, Any]:
-  embed_dim = int(config["embed_dim"])
+  embed_dim = _typed(config, path, "embed_dim", int)
   _validate_common(config, metadata, path, embed_dim)
-  if list(config["input"]["shape"]) != [embed_dim]:
+  if list(_input_shape(config, path)) != [embed_dim]:
     raise BundleError(f"bundle {path}: input.shape {config['input']['shape']!r} must be "
                       f"[{embed_dim}] (embed_dim)")
-  spec = config["adaptor"]
+  spec = _typed(config, path, "adaptor", dict)
   unknown = set(spec) - {"hidden", "activation"}
   if unknown:
     raise BundleError(f"bundle {path}: unknown adaptor fields {sorted(unknown)}")
+  header = export_lib.read_header(os.path.join(path, export_lib.WEIGHTS_FILE))
+  export_lib.check_config_ints({"adaptor": spec, "embed_dim": embed_dim}, header,
+                               f"bundle {path}: config.json")
   model = MatryoshkaAdaptor(hidden=tuple(spec.get("hidden", (512,))),
                             activation=spec.get("activation", "relu"))
   want = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                            jnp.zeros((1, embed_dim), jnp.float32)))
+  export_lib.check_header(header, dict(want), f"bundle {path}: {export_lib.WEIGHTS_FILE}")
   stored = export_lib.unflatten(export_lib.load_weights(path))
   export_lib.check_tree(stored, dict(want), f"bundle {path}")
   if config.get("text_encoder") is None:

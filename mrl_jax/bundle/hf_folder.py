@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax.bundle.artifact import read_header
 from mrl_jax.core import fileio
 from mrl_jax.core.fileio import BundleError
 from mrl_jax.core.nesting import Nesting
@@ -669,27 +670,62 @@ def _read_dims(file: str, hf: dict, hidden_size: int) -> tuple[bool, tuple[int, 
     raise BundleError(f"{file}: matryoshka_dimensions={dims}: {e}") from None
 
 
-def _check_tensors(file: str, config: BertConfig) -> None:
-  """The safetensors header holds every tensor ``config`` needs, with its shape."""
-  from safetensors import safe_open
+def expected_hf_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
+  """Hugging Face tensor name -> shape of a ``BertModel`` for ``config``, by arithmetic.
 
-  want = {}
-  for path, shape in _param_shapes(config).items():
-    want[_hf_name(path)] = shape[::-1] if path[-1] == "kernel" else shape
-  try:
-    with safe_open(file, framework="numpy") as f:
-      have = {name.removeprefix("bert."): tuple(f.get_slice(name).get_shape())
-              for name in f.keys()}
-  except Exception as e:  # safetensors raises its own error types
-    raise BundleError(f"{file} is not a readable safetensors file: {type(e).__name__}: "
-                      f"{e}") from e
-  missing = sorted(set(want) - set(have))
+  Builds nothing (unlike :func:`_param_shapes`, which traces the model): the cost is
+  one dict entry per tensor, so a config can be checked against a file's header
+  before anything of its size exists. Equal to the traced shapes (tested).
+  """
+  h, i = config.hidden_size, config.intermediate_size
+  out = {"embeddings.word_embeddings.weight": (config.vocab_size, h),
+         "embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
+         "embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
+         "embeddings.LayerNorm.weight": (h,), "embeddings.LayerNorm.bias": (h,)}
+  layer = {"attention.self.query": (h, h), "attention.self.key": (h, h),
+           "attention.self.value": (h, h), "attention.output.dense": (h, h),
+           "intermediate.dense": (i, h), "output.dense": (h, i)}
+  for n in range(config.num_layers):
+    for part, (rows, cols) in layer.items():
+      out[f"encoder.layer.{n}.{part}.weight"] = (rows, cols)
+      out[f"encoder.layer.{n}.{part}.bias"] = (rows,)
+    for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+      out[f"encoder.layer.{n}.{norm}.weight"] = (h,)
+      out[f"encoder.layer.{n}.{norm}.bias"] = (h,)
+  return out
+
+
+# Tensor dtypes a BERT folder may hold (Hugging Face stores float32/16, bfloat16).
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+_TENSORS_PER_LAYER = 16
+
+
+def _check_tensors(file: str, config: BertConfig) -> None:
+  """The safetensors header holds every tensor ``config`` needs, with its shape and a float
+  dtype; checked from the header alone, config integers bounded first (nothing is built)."""
+  header = {name.removeprefix("bert."): v for name, v in read_header(file).items()}
+  config_file = os.path.join(os.path.dirname(file), "config.json")
+  if config.num_layers * _TENSORS_PER_LAYER > len(header):
+    raise BundleError(f"{config_file}: num_hidden_layers={config.num_layers} needs "
+                      f"{config.num_layers * _TENSORS_PER_LAYER} layer tensors, {file} holds "
+                      f"{len(header)} tensors in all; the config does not match the weights")
+  want = expected_hf_shapes(config)
+  missing = sorted(set(want) - set(header))
   if missing:
     raise BundleError(f"{file} lacks {len(missing)} tensors of the config.json model, "
                       f"e.g. {missing[:3]}")
+  have = {n: s for n, (_, s) in header.items()}
   wrong = [f"{n}: {have[n]} (config.json implies {s})" for n, s in want.items() if have[n] != s]
   if wrong:
-    raise BundleError(f"{file}: tensor shapes differ from config.json: {'; '.join(wrong[:3])}")
+    hint = ""
+    if any(n.startswith("embeddings.position_embeddings") for n in wrong[0:1]):
+      hint = " (max_position_embeddings: the position embeddings' rows)"
+    raise BundleError(f"{file}: tensor shapes differ from config.json: {'; '.join(wrong[:3])}"
+                      f"{hint}")
+  not_float = [f"{n}: {header[n][0]}" for n in want if header[n][0] not in _FLOAT_DTYPES]
+  if not_float:
+    raise BundleError(f"{file}: tensors must be floats ({'/'.join(_FLOAT_DTYPES)}), got "
+                      f"{'; '.join(not_float[:3])}")
 
 
 def read_sentence_transformer(path: str) -> SentenceTransformerInfo:

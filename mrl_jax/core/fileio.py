@@ -139,13 +139,44 @@ def atomic_replace_dir(tmp_dir: str, out_dir: str) -> None:
   shutil.rmtree(backup, ignore_errors=True)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  """``object_pairs_hook``: a JSON object, refusing a key given twice (json keeps the last)."""
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise ValueError(f"the key {key!r} appears twice in one object (which value is meant?)")
+    out[key] = value
+  return out
+
+
+def _refuse_constant(name: str):
+  raise ValueError(f"{name} is not JSON")
+
+
+def loads_json(text: str) -> Any:
+  """The JSON value of ``text``, strictly: no duplicate keys, no ``NaN``/``Infinity``.
+
+  The one JSON parser for data from outside (bundles, configs, JSONL records).
+
+  Raises:
+    ValueError: ``json.JSONDecodeError`` for bad syntax; a plain ``ValueError``
+      for a duplicated key, a ``NaN``/``Infinity`` constant, or nesting too deep
+      for the parser (tens of thousands of levels: Python's recursion limit).
+  """
+  try:
+    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+  except RecursionError:
+    raise ValueError("nested too deeply to parse (arrays or objects tens of thousands of levels "
+                     "deep)") from None
+
+
 def read_json(path: str) -> Any:
-  """The JSON value in the UTF-8 file ``path``.
+  """The JSON value in the UTF-8 file ``path`` (:func:`loads_json`: strict).
 
   Raises:
     BundleError: naming ``path`` when the file is missing, unreadable, not
       UTF-8, or not valid JSON (also for ``NaN``/``Infinity``, which are not
-      JSON).
+      JSON, a key given twice in one object, and nesting too deep to parse).
   """
   path = os.fspath(path)
   try:
@@ -159,12 +190,8 @@ def read_json(path: str) -> Any:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
     raise BundleError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-  def refuse_constant(name):
-    raise ValueError(f"{name} is not JSON")
-
   try:
-    return json.loads(text.removeprefix("\ufeff"), parse_constant=refuse_constant)
+    return loads_json(text.removeprefix("\ufeff"))
   except json.JSONDecodeError as e:
     raise BundleError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column "
                       f"{e.colno}") from None

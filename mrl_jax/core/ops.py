@@ -23,15 +23,75 @@ QUANTIZATIONS = (None, "int8", "int8_symmetric", "binary", "ubinary")
 CALIBRATED = ("int8",)
 
 
+def max_abs_scale(x: jax.Array, axis: int = -1) -> jax.Array:
+  """Per-row ``max |x|`` (1 for all-zero rows), kept as an axis and out of autodiff.
+
+  Dividing a row by it before squaring makes every norm computed here
+  scale-safe: ``sum(x**2)`` overflows float32 for entries above ~1.8e19 and
+  underflows to 0 below ~1e-19 (a database scaled by 1e20 or 1e-25 then ranks
+  at random with scores 0), while ``sum((x / m)**2)`` lies in ``[1, D]``. The
+  scale is a constant to autodiff: a normalised row does not depend on it, so
+  the gradient is exact.
+
+  Args:
+    x: ``[..., D]`` float.
+    axis: the reduced axis.
+
+  Returns:
+    float32 ``[..., 1]`` (``axis`` kept, size 1), ``> 0``.
+  """
+  m = jnp.max(jnp.abs(jnp.asarray(x, jnp.float32)), axis=axis, keepdims=True)
+  return jax.lax.stop_gradient(jnp.where(m > 0, m, 1.0))
+
+
+def unit_rows(x: jax.Array, *, eps: float = 0.0) -> jax.Array:
+  """``x / ||x||_2`` along the last axis in float32, scale-safe; zero rows stay zero.
+
+  Rescales each row by :func:`max_abs_scale` first, so the result is the same for
+  ``x``, ``1e20 * x`` and ``1e-25 * x`` (float32). ``eps > 0`` floors the norm of
+  the ORIGINAL row at ``eps`` (rows shorter than ``eps`` are shrunk, not unit).
+
+  Args:
+    x: ``[..., D]`` (any float dtype, bfloat16 included).
+    eps: floor of the original norm (0: none; an all-zero row stays zero).
+
+  Returns:
+    float32 ``[..., D]``.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  m = max_abs_scale(x)
+  y = x / m
+  sq = jnp.sum(jnp.square(y), axis=-1, keepdims=True)  # in [1, D] for a nonzero row
+  if eps > 0:  # ||x|| = m ||y||; floor it at eps without forming m ||y|| (may overflow)
+    sq = jnp.maximum(sq, jnp.square(eps / m))
+  # rsqrt of a where-guarded sum: a zero row gets a zero gradient, not 0 * inf = NaN.
+  return y * jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def inverse_norms(x: jax.Array) -> jax.Array:
+  """``1 / ||x||_2`` along the last axis (0 for zero rows), float32 ``[...]``, scale-safe.
+
+  ``(1 / m) / ||x / m||`` with ``m = max |x|`` (:func:`max_abs_scale`): finite for every
+  finite float32 row whose ``max |x| >= 3e-39``, where ``rsqrt(sum(x**2))`` is inf
+  or 0 outside ``|x| ~ [1e-19, 1e19]``.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  m = max_abs_scale(x)
+  sq = jnp.sum(jnp.square(x / m), axis=-1)
+  inv = jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+  return inv / m[..., 0]
+
+
 def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool = True,
-                       eps: float = NORM_EPS) -> jax.Array:
-  """``z[..., :dim] / max(||z[..., :dim]||_2, eps)`` in float32.
+                       eps: float = 0.0) -> jax.Array:
+  """``z[..., :dim] / ||z[..., :dim]||_2`` in float32 (:func:`unit_rows`: scale-safe).
 
   Args:
     z: embeddings ``[..., D]`` (any float dtype).
     dim: the prefix size ``1 <= dim <= D`` (None: all of ``D``).
     normalize: divide by the L2 norm (False: truncate only).
-    eps: floor of the norm, so an all-zero row stays zero instead of NaN.
+    eps: floor of the norm (default 0: none; an all-zero row stays zero, and a row
+      of any finite scale, 1e-25 or 1e20, comes out unit-norm).
 
   Returns:
     float32 ``[..., dim]``.
@@ -46,7 +106,7 @@ def truncate_normalize(z: jax.Array, dim: int | None = None, *, normalize: bool 
     raise ValueError(f"dim={dim!r} must be an int in [1, {width}]")
   z = jnp.asarray(z, jnp.float32)[..., :int(dim)]
   if normalize:
-    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), eps)
+    z = unit_rows(z, eps=eps)
   return z
 
 

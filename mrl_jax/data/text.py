@@ -40,11 +40,13 @@ import json
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from mrl_jax.core import fileio
 from mrl_jax.tokenizer import TextTokenizer
 
 PAIR_COLUMNS = ("anchor", "positive")
@@ -101,9 +103,11 @@ def read_records(path: str, required: Sequence[str] = ()) -> Iterator[tuple[str,
   if fmt == "jsonl":
     for i, line in lines:
       try:
-        record = json.loads(line)
+        record = fileio.loads_json(line)  # strict: a duplicated key is refused
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{i}: not a JSON object ({e.msg} at column {e.colno})") from None
+      except ValueError as e:
+        raise ValueError(f"{path}:{i}: not a valid JSON object: {e}") from None
       if not isinstance(record, dict):
         raise ValueError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
       yield f"{path}:{i}", record
@@ -155,9 +159,36 @@ def _text(where: str, record: dict[str, Any], column: str) -> str:
   value = record[column]
   if not isinstance(value, str):
     raise ValueError(f"{where}: column {column!r} must be a string, got {value!r}")
-  if not value.strip():
-    raise ValueError(f"{where}: column {column!r} is an empty text")
+  problem = text_problem(value)
+  if problem:
+    raise ValueError(f"{where}: column {column!r} {problem}")
   return value
+
+
+# Characters that print nothing: separators (Z*), controls (Cc), format characters (Cf:
+# zero-width space/joiners, BOM, bidi marks) and unassigned code points (Cn).
+_INVISIBLE = ("Zs", "Zl", "Zp", "Cc", "Cf", "Cn")
+
+
+def text_problem(text: str) -> str | None:
+  """Why ``text`` cannot be a training or query text, or None when it can.
+
+  Refused: an empty text, one of only invisible characters (whitespace, no-break
+  spaces, zero-width spaces, BOMs, ...; it would tokenise to ``[CLS] [SEP]``),
+  and one holding a lone surrogate (``"\\ud800"`` in JSON: not encodable as UTF-8,
+  so not tokenisable).
+  """
+  if not text.strip(" \t\n\r\f\v"):
+    return "is an empty text"
+  if all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text):
+    codes = ", ".join(f"U+{ord(ch):04X}" for ch in dict.fromkeys(text))
+    return f"holds only invisible characters ({codes[:60]}): an empty text"
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    return (f"holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
+            "(not Unicode text; fix the file's escapes)")
+  return None
 
 
 def negative_columns(columns: Sequence[str]) -> tuple[str, ...]:
@@ -215,8 +246,13 @@ class TextPairs:
     for name, texts in (("anchors", anchors), ("positives", positives),
                         ("negatives", [t for row in negatives for t in row])):
       for t in texts:
-        if not isinstance(t, str) or not t.strip():
-          raise ValueError(f"{self.path}: {name} must be non-empty strings, got {t!r}")
+        if not isinstance(t, str) or text_problem(t):
+          why = text_problem(t) if isinstance(t, str) else "is not a string"
+          raise ValueError(f"{self.path}: {name} must be non-empty strings: {t!r} {why}")
+    for i, (p, row) in enumerate(zip(positives, negatives, strict=True)):
+      if p in row:
+        raise ValueError(f"{self.path}: row {i}: hard negative {row.index(p) + 1} is identical "
+                         "to the positive (a pair cannot be both)")
     object.__setattr__(self, "anchors", anchors)
     object.__setattr__(self, "positives", positives)
     object.__setattr__(self, "negatives", negatives)
@@ -275,6 +311,10 @@ def read_text_pairs(path: str) -> TextPairs:
     anchors.append(_text(where, record, "anchor"))
     positives.append(_text(where, record, "positive"))
     negatives.append([_text(where, record, c) for c in neg_cols])
+    if positives[-1] in negatives[-1]:
+      column = neg_cols[negatives[-1].index(positives[-1])]
+      raise ValueError(f"{where}: column {column!r} is identical to 'positive' (a hard "
+                       "negative cannot be the positive)")
   if not anchors:
     raise ValueError(f"{path}: no records")
   return TextPairs(anchors, positives, negatives, path=path)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from mrl_jax.core.nesting import Nesting
@@ -58,7 +59,7 @@ def check_embeddings(x, name: str = "embeddings", *, embed_dim: int | None = Non
     raise ValueError(f"{name} must be [N, D], got shape {x.shape}")
   if x.shape[0] < 1 or x.shape[1] < 1:
     raise ValueError(f"{name} is empty: shape {x.shape}")
-  if not np.issubdtype(x.dtype, np.floating):
+  if not jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 too
     raise ValueError(f"{name} must be floating point, got {x.dtype}")
   if embed_dim is not None and x.shape[1] != embed_dim:
     raise ValueError(f"{name} has D={x.shape[1]}, expected {embed_dim}")

@@ -53,6 +53,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mrl_jax.core import ops
 from mrl_jax.evaluate import codes as codes_lib
 from mrl_jax.evaluate import knn
 
@@ -78,9 +79,7 @@ def normalize_prefix(x: jax.Array, dim: int) -> jax.Array:
   if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not (
       1 <= dim <= np.shape(x)[1]):
     raise ValueError(f"dim must be an int in [1, {np.shape(x)[1]}], got {dim!r}")
-  p = x[:, :dim].astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(p * p, axis=-1, keepdims=True))
-  return p * jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+  return ops.unit_rows(x[:, :dim])  # scale-safe: max-abs rescaled before squaring
 
 
 def check_cascade(dims: Sequence[int], keeps: Sequence[int], n: int, embed_dim: int) -> None:
@@ -144,7 +143,7 @@ class PrefixIndex:
     if database.ndim != 2 or database.shape[0] < 1 or database.shape[1] < 1:
       raise ValueError(f"database must be [N, D] with N, D >= 1, got shape {database.shape}"
                        + (" (one vector? pass x[None, :])" if database.ndim == 1 else ""))
-    if not np.issubdtype(database.dtype, np.floating):
+    if not jnp.issubdtype(database.dtype, jnp.floating):  # bfloat16 too (stored as float32)
       raise ValueError(f"database must be floating point, got {database.dtype} (for binary "
                        f"or int8 codes use mrl_jax.evaluate.codes.hamming_search / int8_search,"
                        f" or shortlist_codes= on a float index)")
@@ -330,6 +329,8 @@ class PrefixIndex:
     Returns:
       ``(scores [Q, k], ids [Q, k])``, best first (ties: smaller id first).
     """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise ValueError(f"k must be an int >= 1, got {k!r}")  # named k, not the cascade's keeps
     return self.cascade(queries, (self.embed_dim if dim is None else dim,), (k,),
                         shortlist_codes=codes)
 
@@ -366,8 +367,7 @@ class PrefixIndex:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _inverse_norms(x: jax.Array, dim: int) -> jax.Array:
-  sq = jnp.sum(jnp.square(x[:, :dim].astype(jnp.float32)), axis=1)
-  return jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+  return ops.inverse_norms(x[:, :dim])  # scale-safe: max-abs rescaled before squaring
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -470,7 +470,7 @@ def check_queries(queries: Array, dim: int) -> Array:
   if queries.ndim != 2:
     hint = " (one query? pass q[None, :])" if queries.ndim == 1 else ""
     raise ValueError(f"queries must be [Q, D], got shape {queries.shape}{hint}")
-  if not np.issubdtype(queries.dtype, np.floating):
+  if not jnp.issubdtype(queries.dtype, jnp.floating):
     raise ValueError(f"queries must be floating point embeddings, got {queries.dtype}")
   if queries.shape[1] < dim:
     raise ValueError(f"queries have {queries.shape[1]} dims, the search needs {dim}")

@@ -203,6 +203,7 @@ def exact_search(queries: Array, database: Array | PrefixIndex, k: int, *,
     ValueError: for a database that is not ``[N, D]`` (e.g. 1-D), ``k`` outside
       ``[1, N]``, ``dim`` outside ``[1, D]``, or as :func:`cascade_retrieval`.
   """
+  k = _positive_int(k, "k")  # named as k, not as the cascade's keeps
   index_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key not in _CASCADE_OPTIONS}
   index = as_index(database, **index_kwargs)
   full = index.embed_dim if dim is None else dim

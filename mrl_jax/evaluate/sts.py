@@ -66,9 +66,10 @@ def cosine_per_dim(a: np.ndarray, b: np.ndarray, dims: Sequence[int]) -> np.ndar
   dims = Nesting(tuple(dims), embed_dim=a.shape[1]).dims
   out = []
   for m in dims:
-    x, y = a[:, :m], b[:, :m]
-    norms = np.maximum(np.linalg.norm(x, axis=1), 1e-12) * np.maximum(np.linalg.norm(y, axis=1),
-                                                                     1e-12)
+    # float64 on the host: float32 rows of any finite scale (1e20, 1e-25) square safely
+    x, y = np.asarray(a[:, :m], np.float64), np.asarray(b[:, :m], np.float64)
+    norms = np.maximum(np.linalg.norm(x, axis=1), 1e-300) * np.maximum(np.linalg.norm(y, axis=1),
+                                                                      1e-300)
     out.append(np.sum(x * y, axis=1) / norms)
   return np.stack(out)
 

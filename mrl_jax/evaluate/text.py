@@ -86,7 +86,9 @@ def pair_retrieval_per_dim(anchors: np.ndarray, positives: np.ndarray,
     raise ValueError("anchors/positives hold NaN or inf embeddings")
   dims = Nesting(tuple(dims), embed_dim=anchors.shape[1]).dims
   per_dim: dict[str, list[float]] = {name: [] for name in retrieval_metric_names(score)}
-  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  # float64: float32 rows of any finite scale square safely; the floor only keeps zero
+  # rows zero (a fixed 1e-12 would shrink rows scaled by 1e-25)
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
   for m in dims:
     sims = unit(anchors[:, :m]) @ unit(positives[:, :m]).T
     own = np.diagonal(sims)[:, None]

@@ -17,23 +17,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax.core import ops
 from mrl_jax.core.checks import check_positive
 
 NORM_EPS = 1e-12
 
 
 def l2_normalize(x: jax.Array, *, eps: float = NORM_EPS) -> jax.Array:
-  """``x / max(||x||, eps)`` along the last axis, computed in float32.
+  """``x / ||x||`` along the last axis, computed in float32, scale-safe.
+
+  Each row is first divided by its ``max |x|`` (:func:`mrl_jax.core.ops.max_abs_scale`,
+  a constant to autodiff; exact, as the result does not depend on it), so rows
+  scaled by 1e20 or 1e-25 give the same unit rows instead of overflowing or
+  underflowing float32's squares.
 
   Args:
     x: ``[..., D]``.
-    eps: floor of the norm (``> 0``), so that an all-zero row stays zero instead of NaN.
+    eps: floor of the rescaled norm (``> 0``; a nonzero rescaled row has norm >= 1),
+      so that an all-zero row stays zero, with a finite gradient, instead of NaN.
 
   Returns:
     ``[..., D]`` float32 rows of unit norm (zero rows stay zero).
   """
   check_positive("eps", eps)
   x = jnp.asarray(x, jnp.float32)
+  x = x / ops.max_abs_scale(x)
   sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 

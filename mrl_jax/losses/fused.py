@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax.core import ops
 from mrl_jax.core.checks import check_bool, check_positive
 from mrl_jax.core.nesting import Nesting
 from mrl_jax.core.prefix_matmul import prefix_matmul_nt
@@ -155,6 +156,9 @@ def nested_in_batch_softmax_per_dim(
   check_bool("symmetric", symmetric)
   a = jnp.asarray(anchors, jnp.float32)
   c = jnp.asarray(candidates(positives, negatives), jnp.float32)
+  # Cosines ignore each row's scale: divide it out (max |x|, out of autodiff, exact) so
+  # the squared norms neither overflow nor underflow float32 (rows of 1e20 or 1e-25).
+  a, c = a / ops.max_abs_scale(a), c / ops.max_abs_scale(c)
   dots = prefix_matmul_nt(a, c, dims)  # [M, B, N]
   return _cosine_softmax_ce(dots, _prefix_sq_norms(a, dims), _prefix_sq_norms(c, dims),
                             jnp.asarray(scale, jnp.float32), bool(symmetric))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax.core import ops
+from mrl_jax.core import fileio, ops
 from mrl_jax.tokenizer import TextTokenizer
 
 Dtype = Any
@@ -389,8 +388,7 @@ def _encode(model: TextEncoder, params: Any, input_ids: jax.Array, attention_mas
 
 
 def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return fileio.read_json(path)  # strict: duplicate keys, NaN, deep nesting refused
 
 
 def load_hf_bert(local_dir: str, *, pooling: str | None = None, max_length: int | None = None,

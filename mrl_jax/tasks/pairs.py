@@ -296,7 +296,18 @@ class PairsTask(base.Task):
     """The run's word vocabulary: read from ``workdir/assets`` if saved, else built and saved."""
     path = os.path.join(self.workdir, TOKENIZER_ASSET)
     if os.path.isfile(path):
-      return TextTokenizer.from_file(path, max_length=self.config.max_length)
+      try:
+        return TextTokenizer.from_file(path, max_length=self.config.max_length)
+      except Exception as e:  # tokenizers raises a bare Exception (e.g. "EOF while parsing")
+        raise ValueError(f"{path}: the run's vocabulary asset is not a readable tokenizer "
+                         f"file ({e}); it belongs to the checkpoints in this workdir: restore "
+                         "it from a copy (a rebuilt vocabulary would give words other ids), "
+                         "or start a new workdir") from None
+    checkpoints = os.path.join(self.workdir, "checkpoints")
+    if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
+      raise ValueError(f"{path} is missing, but {checkpoints} holds steps trained with it: a "
+                       "rebuilt vocabulary would give words other ids; restore the file from a "
+                       "copy, or start a new workdir")
     texts = [t for source in self.sources for t in (*source.anchors, *source.positives,
                                                     *(n for row in source.negatives or ()
                                                       for n in row))]

@@ -53,6 +53,12 @@ from mrl_jax.train import specs
 # them changed cannot work, so it is refused up front.
 MODEL_FIELDS = ("dataset", "encoder", "head", "nesting", "ff_dim")
 BEST_MODES = ("max", "min")
+# Shape records of the model that tasks store with each step (compared on restore).
+MODEL_RECORDS = ("bert_config",)
+_HINTS = {"max_position_embeddings": " (set by config.max_length: the rows of the position "
+                                     "embeddings; resume with the max_length of the run)",
+          "vocab_size": " (the vocabulary: workdir/assets/tokenizer.json or config.model_dir "
+                        "changed since the checkpoint)"}
 HASH = "sha256"
 # Orbax's names inside a step folder; used only to name files in error messages and to
 # find a corrupt metrics file Orbax cannot say the name of.
@@ -101,6 +107,10 @@ class Checkpointer:
     checksums: store a SHA-256 of every array with each step and check the
       arrays read by :meth:`restore` / :meth:`restore_subtree` against it.
       Arrays split over several processes are not hashed (no host holds them).
+    allow_unverified: restore a step whose metadata has no ``checksums`` record
+      (saved with ``checksums=False``, or the record removed) without checking its
+      arrays. Off by default: such a step is refused, naming this option
+      (``config.allow_unverified_checkpoints`` in training configs).
 
   Raises:
     ValueError: a bad argument (naming it).
@@ -110,7 +120,7 @@ class Checkpointer:
   def __init__(self, directory: str, metadata: dict[str, Any] | None = None, *,
                max_to_keep: int = 2, best_metric: str | None = None,
                best_mode: str = "max", async_save: bool = False, read_only: bool = False,
-               checksums: bool = True):
+               checksums: bool = True, allow_unverified: bool = False):
     if not isinstance(directory, str | os.PathLike) or not os.fspath(directory):
       raise ValueError(f"directory={directory!r}; pass the folder for the step folders")
     if (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int | np.integer)
@@ -127,6 +137,7 @@ class Checkpointer:
     self.best_metric = best_metric
     self.best_mode = best_mode
     self.checksums = bool(checksums)
+    self.allow_unverified = bool(allow_unverified)
     self._metrics: dict[int, Mapping[str, float]] = {}  # step -> metrics ranked by best_step
     self._keep: set[int] = set()  # steps that lost their metrics and cannot be ranked
     policy: Any = ocp.checkpoint_managers.LatestN(n=int(max_to_keep))
@@ -268,6 +279,12 @@ class Checkpointer:
       # Orbax logs an unreadable metadata file and returns no custom metadata.
       problem = _json_problem(path) or "it holds no mrl_jax metadata"
       raise CheckpointError(f"checkpoint metadata {path} is missing or corrupt: {problem}")
+    if stored["step"] != step:
+      folder = os.path.join(self.directory, str(step))
+      raise CheckpointError(
+          f"checkpoint folder {folder} disagrees with the step inside it: its metadata "
+          f"({path}) says step {stored['step']!r}; was the folder renamed? Rename it back to "
+          f"{stored['step']!r} (a step's optimizer state and data position belong to it)")
     return stored
 
   def check_model(self, step: int) -> dict:
@@ -284,6 +301,16 @@ class Checkpointer:
       raise CheckpointError(
           f"checkpoint {os.path.join(self.directory, str(step))} was written by a different "
           f"model config: {json.dumps(diff)}")
+    # The model's own shape record (a task's checkpoint_metadata), where both have one: it
+    # holds what the config fields above do not fix (text: max_length, the vocabulary).
+    for record in MODEL_RECORDS:
+      now, then = self.metadata.get(record), stored.get(record)
+      if isinstance(now, dict) and isinstance(then, dict) and now != then:
+        diff = [f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}{_HINTS.get(k, '')}"
+                for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        raise CheckpointError(
+            f"checkpoint {os.path.join(self.directory, str(step))} holds a model of another "
+            f"shape ({record}): {'; '.join(diff)}")
     return stored
 
   def restore(self, step: int, target: Any) -> Any:
@@ -325,6 +352,13 @@ class Checkpointer:
     if not ocp.type_handlers.is_ocdbt_checkpoint(state_dir):
       raise CheckpointError(f"checkpoint {path} could not be restored: its array index "
                             f"{os.path.join(state_dir, 'manifest.ocdbt')} is missing")
+    if self.checksums and not self.allow_unverified and not isinstance(
+        stored.get("checksums"), dict):
+      raise CheckpointError(
+          f"checkpoint {path} has no checksums record in its metadata (saved with "
+          "checksums=False, or the record was removed), so a changed array byte would restore "
+          "silently; refusing it. To restore it unchecked, opt in: "
+          "Checkpointer(allow_unverified=True) / --config.allow_unverified_checkpoints=True")
     records = stored.get("checksums", {}).get("arrays", {}) if self.checksums else {}
     # Read each array as saved; a target of another dtype is cast after the check.
     saved_dtype = jax.tree_util.tree_map_with_path(

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import ml_collections
@@ -61,9 +62,54 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, max_to_keep=2,  # >= 1: the latest kept (plus the best one)
       async_save=True,  # write checkpoints in the background
+      # Restore steps without a checksums record unchecked (else refused, naming this field).
+      allow_unverified=False,
       best_metric=placeholder(str),  # e.g. "top1/dim_8": also keep the best eval step
       best_mode="max"))  # or "min" (for a loss)
   return config
+
+
+NONE_VALUES = ("None", "none", "null")
+
+
+def split_none_overrides(argv: list[str], flag: str = "config") -> tuple[list[str], list[str]]:
+  """Take the ``--config.FIELD=None`` arguments out of ``argv`` (ml_collections cannot parse
+  ``None`` for a typed field: ``invalid literal for int()``).
+
+  Returns:
+    ``(the other arguments, the FIELD names)``; give the names to
+    :func:`apply_none_overrides` once the config is parsed.
+  """
+  rest, fields = [], []
+  for arg in argv:
+    name, eq, value = arg.partition("=")
+    if eq and name.startswith(f"--{flag}.") and value in NONE_VALUES:
+      fields.append(name.removeprefix(f"--{flag}."))
+    else:
+      rest.append(arg)
+  return rest, fields
+
+
+def apply_none_overrides(config: ml_collections.ConfigDict, fields: list[str]) -> None:
+  """Set each dotted ``field`` of ``config`` to None (see :func:`split_none_overrides`).
+
+  Raises:
+    ValueError: naming a field the config does not have, or one that cannot be None.
+  """
+  for field in fields:
+    *scopes, leaf = field.split(".")
+    node = config
+    for scope in scopes:
+      if not isinstance(node, ml_collections.ConfigDict) or scope not in node:
+        raise ValueError(f"--config.{field}=None: the config has no field {field!r}")
+      node = node[scope]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ValueError(f"--config.{field}=None: the config has no field {field!r}")
+    try:
+      with node.unlocked() if node.is_locked else contextlib.nullcontext():
+        node[leaf] = None
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"--config.{field}=None: config.{field} cannot be None ({e})") from None
 
 
 @contextlib.contextmanager
@@ -146,8 +192,16 @@ def _check_shared(config: ml_collections.ConfigDict, num_devices: int | None) ->
   if num_devices and batch % num_devices:
     raise ValueError(f"config.batch_size={batch} does not divide evenly over {num_devices} "
                      "devices")
-  if config.loop.num_train_steps is not None:
-    config.loop.num_epochs = None  # a set step count wins (--config.loop.num_train_steps=N)
+  loop = config.loop
+  if loop.num_train_steps is not None:
+    if loop.num_epochs is not None:
+      # Documented precedence (a step count wins, e.g. --config.loop.num_train_steps=7 over a
+      # paper config's epochs), said out loud: a --config.loop.num_epochs=E is never lost.
+      warnings.warn(f"config.loop.num_epochs={loop.num_epochs!r} is ignored: "
+                    f"config.loop.num_train_steps={loop.num_train_steps} is set and wins; to "
+                    "train by epochs pass --config.loop.num_train_steps=None", UserWarning,
+                    stacklevel=2)
+    loop.num_epochs = None
 
 
 def fill_nesting(config: ml_collections.ConfigDict, embed_dim: int) -> Nesting:

@@ -194,22 +194,31 @@ class Experiment:
         {"config": json.loads(config_lib.to_json(config)), "spec": spec.to_json(),
          "task": spec.task, "dims": list(self.dims), **self.task.checkpoint_metadata()},
         max_to_keep=spec.checkpoint.max_to_keep, best_metric=self.best_metric,
-        best_mode=spec.checkpoint.best_mode, async_save=spec.checkpoint.async_save)
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      if latest > self.total_steps:
-        self.checkpointer.close()
-        raise WorkdirAheadError(
-            f"{self.workdir} already holds step {latest}, past this run's last step "
-            f"{self.total_steps}: use another workdir, or raise num_train_steps/num_epochs to "
-            "continue it")
-      self.state = self.checkpointer.restore(latest, self.state)
-      _warn_if_data_order_changed(self.checkpointer.read_metadata(latest).get("data_position"),
-                                  self.task.data_position(latest), self.checkpointer.directory)
+        best_mode=spec.checkpoint.best_mode, async_save=spec.checkpoint.async_save,
+        allow_unverified=spec.checkpoint.allow_unverified)
+    try:
+      self._resume()
+    except BaseException:
+      self.checkpointer.close()  # else Orbax's threads print a traceback after the error
+      raise
     self._to_global = functools.partial(sharding_lib.as_global,
                                         sharding=sharding_lib.batch_sharding(self.mesh))
     self.train_step_fn = jit_train_step(self.task, self.schedule, self.mesh,
                                       jax.tree.map(lambda x: x.sharding, self.state))
+
+  def _resume(self) -> None:
+    """Restore the latest checkpoint, if any, into ``self.state``."""
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return
+    if latest > self.total_steps:
+      raise WorkdirAheadError(
+          f"{self.workdir} already holds step {latest}, past this run's last step "
+          f"{self.total_steps}: use another workdir, or raise config.loop.num_train_steps "
+          "(or num_epochs) to continue it")
+    self.state = self.checkpointer.restore(latest, self.state)
+    _warn_if_data_order_changed(self.checkpointer.read_metadata(latest).get("data_position"),
+                                self.task.data_position(latest), self.checkpointer.directory)
 
   @property
   def step(self) -> int:

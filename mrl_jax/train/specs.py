@@ -44,6 +44,7 @@ MOVED = {
     "checkpoint_every_steps": "checkpoint.every_steps", "max_to_keep": "checkpoint.max_to_keep",
     "async_checkpointing": "checkpoint.async_save", "best_metric": "checkpoint.best_metric",
     "best_mode": "checkpoint.best_mode",
+    "allow_unverified_checkpoints": "checkpoint.allow_unverified",
 }
 
 
@@ -142,11 +143,14 @@ class CheckpointSpec:
     best_metric: an eval metric (e.g. ``"top1/dim_8"``): also keep, and export,
       the best step by it.
     best_mode: ``"max"`` or ``"min"`` (for a loss).
+    allow_unverified: restore steps that have no checksums record, unchecked
+      (default: such a step is refused, naming this field).
   """
 
   every_steps: int = 1000
   max_to_keep: int = 2
   async_save: bool = True
+  allow_unverified: bool = False
   best_metric: str | None = None
   best_mode: Literal["max", "min"] = "max"
 

@@ -22,6 +22,7 @@ Where the other bullets of those issues are tested (so that none is tested twice
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -130,6 +131,10 @@ def test_refused_checkpoint_is_one_line_naming_the_difference(tmp_path):
   checkpointer = Checkpointer(str(workdir / "checkpoints"), {"config": {"head": "mrl_e"}})
   checkpointer.save(1, {"w": np.zeros((2, 2), np.float32)})
   checkpointer.close()
+  # the run's vocabulary asset is there (a workdir with steps but none is refused first)
+  os.makedirs(workdir / "assets")
+  shutil.copy(os.path.join(REPO, "tests", "data", "tiny_st_model", "tokenizer.json"),
+              workdir / "assets" / "tokenizer.json")
   proc = _train_py(tmp_path, f"--workdir={workdir}", "--config=configs/text_pairs.py",
                    "--config.loop.num_train_steps=2")
   line = _one_error_line(proc)
@@ -179,6 +184,7 @@ def _copy_with(bundle: str, tmp_path, name: str, content: bytes, *, rehash: bool
     meta_file = os.path.join(out, artifact.METADATA_FILE)
     meta = json.load(open(meta_file))
     meta["sha256"][name] = hashlib.sha256(content).hexdigest()
+    meta[artifact.METADATA_DIGEST] = artifact.metadata_digest(meta)  # re-signed as a whole
     with open(meta_file, "w") as f:
       json.dump(meta, f)
   return out

@@ -80,8 +80,8 @@ BAD_INPUTS = [
     # Kind 3: arguments with a domain.
     ("k larger than the database", lambda: retrieval.exact_search(Q, INDEX, 41),
      r"k=41 is larger than the database \(40 items\)"),
-    ("k = 0", lambda: INDEX.search(Q, 0), "positive ints"),
-    ("float k", lambda: INDEX.search(Q, 2.5), "keeps must be ints"),
+    ("k = 0", lambda: INDEX.search(Q, 0), "k must be an int >= 1"),
+    ("float k", lambda: INDEX.search(Q, 2.5), "k must be an int"),
     ("dim past the embedding", lambda: INDEX.search(Q, 3, 9), r"ints in \[1, 8\]"),
     ("default shortlist_k larger than the database",
      lambda: retrieval.adaptive_retrieval(Q, INDEX, shortlist_dim=4, rerank_dim=8),

@@ -135,7 +135,7 @@ def test_bad_inputs_raise():
   index = PrefixIndex(x, **SMALL)
   with pytest.raises(ValueError, match="larger than the database"):
     index.search(q, 21)
-  with pytest.raises(ValueError, match="positive ints"):
+  with pytest.raises(ValueError, match="k must be an int >= 1"):
     index.search(q, 0)
   with pytest.raises(ValueError, match="must not decrease"):
     index.cascade(q, (8, 4), (10, 5))

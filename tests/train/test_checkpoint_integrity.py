@@ -143,6 +143,12 @@ def test_checksums_can_be_turned_off(tmp_path):
   _saved(tmp_path, checksums=False).close()
   reader = _reader(tmp_path)
   assert "checksums" not in reader.read_metadata(1)
+  # a step without its checksums record is refused unless the reader opts in (issue 26)
+  with pytest.raises(CheckpointError, match=r"no checksums record.*allow_unverified"):
+    reader.restore(1, _tree(0))
+  reader.close()
+  reader = Checkpointer(str(tmp_path), {"config": {"head": "mrl"}}, read_only=True,
+                        allow_unverified=True)
   assert _bits(reader.restore(1, _tree(0))) == _bits(_tree(1))
   reader.close()
 
@@ -280,5 +286,10 @@ def test_checkpoints_of_the_previous_layout_still_read(tmp_path):
   manager.close()
   reader = _reader(tmp_path)
   assert reader.read_metadata(7)["step"] == 7
+  with pytest.raises(CheckpointError, match="no checksums record"):  # unverifiable: opt in
+    reader.restore(7, _tree(0))
+  reader.close()
+  reader = Checkpointer(str(tmp_path), {"config": {"head": "mrl"}}, read_only=True,
+                        allow_unverified=True)
   assert _bits(reader.restore(7, _tree(0))) == _bits(_tree(7))
   reader.close()
