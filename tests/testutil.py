@@ -17,6 +17,8 @@ import numpy as np
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
+# The tiny sentence-transformers folder (written by fixtures/make_st_reference.py).
+TINY_ST_MODEL = os.path.join(TESTS, "fixtures", "tiny_st_model")
 # PrefixIndex settings small enough that a few hundred rows exercise every code path.
 SMALL = dict(query_batch=8, block_size=64, group_size=8, sub_batch=4, max_cached_dim=4)
 
@@ -126,7 +128,10 @@ def run_python(code: str, *, devices: int = 1, timeout: int = 300,
                env: dict | None = None) -> str:
   full_env = {**os.environ, **(env or {})}
   full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  full_env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+  # The repo, the helpers and every layer's test folder (a script may import its own test).
+  layers = [os.path.join(TESTS, d) for d in sorted(os.listdir(TESTS))
+            if os.path.isdir(os.path.join(TESTS, d)) and d not in ("fixtures", "__pycache__")]
+  full_env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, *layers])
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         timeout=timeout, env=full_env, cwd=REPO)
   if proc.returncode:
@@ -302,3 +307,26 @@ def numpy_code_cascade(q, x, dims, keeps, kind):
     order = np.argsort(-s, axis=1, kind="stable")[:, :keep]  # ties: previous stage's order
     ids = np.take_along_axis(ids, order, axis=1)
   return ids
+
+
+# --- hand-made bundles --------------------------------------------------------------
+
+
+def sign_bundle(path, modality, dims=(2, 4, 8), **extra):
+  """(Re)write ``mrl_jax.json`` with the hashes of the folder's files, as an export does."""
+  from mrl_jax.bundle import artifact
+
+  if os.path.lexists(os.path.join(path, artifact.METADATA_FILE)):
+    os.remove(os.path.join(path, artifact.METADATA_FILE))
+  return artifact.write_metadata(path, modality=modality, dims=list(dims),
+                                 weights=[1.0] * len(dims), is_matryoshka=True, step=3,
+                                 task="test", training_config=None, extra=extra or None)
+
+
+def text_bundle(path):
+  """A copy of :data:`TINY_ST_MODEL` signed as an MRL text bundle at dims 8/16/32."""
+  import shutil
+
+  shutil.copytree(TINY_ST_MODEL, path)
+  sign_bundle(path, "text", dims=[8, 16, 32])
+  return path

@@ -110,7 +110,7 @@ class Checkpointer:
     allow_unverified: restore a step whose metadata has no ``checksums`` record
       (saved with ``checksums=False``, or the record removed) without checking its
       arrays. Off by default: such a step is refused, naming this option
-      (``config.allow_unverified_checkpoints`` in training configs).
+      (``config.checkpoint.allow_unverified`` in training configs).
 
   Raises:
     ValueError: a bad argument (naming it).
@@ -358,7 +358,7 @@ class Checkpointer:
           f"checkpoint {path} has no checksums record in its metadata (saved with "
           "checksums=False, or the record was removed), so a changed array byte would restore "
           "silently; refusing it. To restore it unchecked, opt in: "
-          "Checkpointer(allow_unverified=True) / --config.allow_unverified_checkpoints=True")
+          "Checkpointer(allow_unverified=True) / --config.checkpoint.allow_unverified=True")
     records = stored.get("checksums", {}).get("arrays", {}) if self.checksums else {}
     # Read each array as saved; a target of another dtype is cast after the check.
     saved_dtype = jax.tree_util.tree_map_with_path(

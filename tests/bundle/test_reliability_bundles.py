@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from testutil import REPO
+from testutil import sign_bundle, text_bundle
 
 from mrl_jax import models
 from mrl_jax.bundle import artifact, hf_folder
@@ -26,17 +26,7 @@ from mrl_jax.core.heads import MRLHead
 from mrl_jax.models.adaptor import MatryoshkaAdaptor
 from mrl_jax.models.text import BertConfig
 
-TINY_ST = os.path.join(REPO, "tests", "data", "tiny_st_model")
 DIMS = [2, 4, 8]
-
-
-def _sign(path, modality, dims=DIMS, **extra):
-  """(Re)write ``mrl_jax.json`` with the hashes of the folder's files, as an export does."""
-  if os.path.lexists(os.path.join(path, artifact.METADATA_FILE)):
-    os.remove(os.path.join(path, artifact.METADATA_FILE))
-  return artifact.write_metadata(path, modality=modality, dims=list(dims),
-                               weights=[1.0] * len(dims), is_matryoshka=True, step=3,
-                               task="test", training_config=None, extra=extra or None)
 
 
 def image_bundle(path):
@@ -54,7 +44,7 @@ def image_bundle(path):
       "input": {"shape": [4, 4, 1], "dtype": "float32"},
       "preprocessing": {"scale": 1 / 255, "offset": 0.0}})
   artifact.save_weights(path, variables)
-  _sign(path, "image")
+  sign_bundle(path, "image")
   return path
 
 
@@ -66,13 +56,7 @@ def embedding_bundle(path):
       "matryoshka_dimensions": DIMS, "adaptor": {"hidden": [4], "activation": "relu"},
       "input": {"shape": [8], "dtype": "float32"}, "text_encoder": None})
   artifact.save_weights(path, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8))))
-  _sign(path, "embedding")
-  return path
-
-
-def text_bundle(path):
-  shutil.copytree(TINY_ST, path)
-  _sign(path, "text", dims=[8, 16, 32])
+  sign_bundle(path, "embedding")
   return path
 
 
@@ -96,7 +80,7 @@ def _edit_json(path, name, change):
 
 def _resign(path):
   meta = json.load(open(os.path.join(path, artifact.METADATA_FILE)))
-  return _sign(path, meta["modality"], meta["matryoshka_dimensions"])
+  return sign_bundle(path, meta["modality"], meta["matryoshka_dimensions"])
 
 
 def test_hand_written_bundles_load_and_serve(tmp_path, image, text):

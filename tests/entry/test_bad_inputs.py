@@ -7,7 +7,7 @@ Where the other bullets of those issues are tested (so that none is tested twice
   learning rate, ``max_to_keep=0``, missing train file: one line, exit 2),
   ``tests/train/test_loop.py`` (negative ``warmup_steps``/``weight_decay``, ``num_train_steps=0``,
   duplicate or too large dims, workdir ahead of the run, another model's checkpoint);
-* files (kind 2): ``tests/fixtures/test_text_data.py`` (non-UTF-8 lines, NaN gold scores, with
+* files (kind 2): ``tests/data/test_text_data.py`` (non-UTF-8 lines, NaN gold scores, with
   ``path:line``), ``tests/train/test_checkpoint_integrity.py`` (corrupt or missing metrics and
   metadata files, missing ``manifest.ocdbt`` without event-loop tracebacks, flipped bits,
   retention), ``tests/bundle/test_export.py`` (changed bundle bytes, non-UTF-8 ``config.json``,
@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from testutil import REPO, tiny
+from testutil import REPO, TINY_ST_MODEL, tiny
 
 from mrl_jax import experiments
 from mrl_jax import losses as losses_lib
@@ -133,7 +133,7 @@ def test_refused_checkpoint_is_one_line_naming_the_difference(tmp_path):
   checkpointer.close()
   # the run's vocabulary asset is there (a workdir with steps but none is refused first)
   os.makedirs(workdir / "assets")
-  shutil.copy(os.path.join(REPO, "tests", "data", "tiny_st_model", "tokenizer.json"),
+  shutil.copy(os.path.join(TINY_ST_MODEL, "tokenizer.json"),
               workdir / "assets" / "tokenizer.json")
   proc = _train_py(tmp_path, f"--workdir={workdir}", "--config=configs/text_pairs.py",
                    "--config.loop.num_train_steps=2")

@@ -9,17 +9,15 @@ import os
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from testutil import REPO
+from testutil import REPO, TINY_ST_MODEL
 
 from mrl_jax import experiments
 from mrl_jax.bundle.encoder import Encoder
 from mrl_jax.core import fileio
 from mrl_jax.core.fileio import BundleError
 from mrl_jax.data.text import TextPairs, TextTokenizer, read_scored_pairs, read_text_pairs
-from mrl_jax.evaluate.encoder import load_workdir_config
+from mrl_jax.experiments import load_workdir_config
 from mrl_jax.train import config as config_lib
-
-TINY_ST = os.path.join(REPO, "tests", "data", "tiny_st_model")
 
 
 def _write(path, text):
@@ -118,12 +116,12 @@ def test_a_hard_negative_equal_to_its_positive_is_refused_in_memory():
 
 @pytest.mark.parametrize("texts,index", [(["ok", "bad \udc80"], 1), (["\ud83d"], 0)])
 def test_a_lone_surrogate_in_embed_is_named(tmp_path, texts, index):
-  from test_reliability_bundles import text_bundle
+  from testutil import text_bundle
 
   encoder = Encoder.load(text_bundle(str(tmp_path / "text")))
   with pytest.raises(ValueError, match=rf"inputs\[{index}\] holds a lone surrogate U\+D"):
     encoder.embed(texts)
-  tokenizer = TextTokenizer.from_file(os.path.join(TINY_ST, "tokenizer.json"), max_length=16)
+  tokenizer = TextTokenizer.from_file(os.path.join(TINY_ST_MODEL, "tokenizer.json"), max_length=16)
   with pytest.raises(ValueError, match=rf"texts\[{index}\] holds a lone surrogate"):
     tokenizer(texts)
 
@@ -144,21 +142,21 @@ def _parse_cli(*args):
 
 @pytest.mark.parametrize("epochs", ["3", "0.5"])
 def test_num_epochs_under_a_configured_step_count_is_told_not_dropped(epochs):
-  config = _parse_cli(f"--config.num_epochs={epochs}")
-  with pytest.warns(UserWarning, match=rf"config.num_epochs={float(epochs)} is ignored: "
-                                       r"config.num_train_steps=2000 is set and wins; .*"
-                                       r"--config.num_train_steps=None"):
+  config = _parse_cli(f"--config.loop.num_epochs={epochs}")
+  with pytest.warns(UserWarning, match=rf"config.loop.num_epochs={float(epochs)} is ignored: "
+                                       r"config.loop.num_train_steps=2000 is set and wins; .*"
+                                       r"--config.loop.num_train_steps=None"):
     config = experiments.validate_config(config)
-  assert config.num_train_steps == 2000 and config.num_epochs is None
+  assert config.loop.num_train_steps == 2000 and config.loop.num_epochs is None
 
 
 @pytest.mark.parametrize("none", ["None", "none", "null"])
 def test_num_train_steps_none_on_the_command_line(none):
-  config = _parse_cli(f"--config.num_train_steps={none}", "--config.num_epochs=3")
-  assert config.num_train_steps is None and config.num_epochs == 3.0
+  config = _parse_cli(f"--config.loop.num_train_steps={none}", "--config.loop.num_epochs=3")
+  assert config.loop.num_train_steps is None and config.loop.num_epochs == 3.0
   experiments.validate_config(config)
-  with pytest.raises(ValueError, match=r"set config.num_train_steps or config.num_epochs"):
-    experiments.validate_config(_parse_cli(f"--config.num_train_steps={none}"))
+  with pytest.raises(ValueError, match="set config.loop.num_train_steps or config.loop.num_epo"):
+    experiments.validate_config(_parse_cli(f"--config.loop.num_train_steps={none}"))
 
 
 def test_none_for_an_unknown_field_is_named():

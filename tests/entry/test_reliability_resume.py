@@ -102,7 +102,7 @@ def test_a_removed_checksums_record_is_refused_unless_opted_in(workdir):
   del value["custom_metadata"]["checksums"]
   json.dump(value, open(meta, "w"))
   with pytest.raises(CheckpointError, match=r"no checksums record .* "
-                                            "--config.allow_unverified_checkpoints=True"):
+                                            "--config.checkpoint.allow_unverified=True"):
     _resume(workdir)
   experiment = experiments.create(_config(allow_unverified_checkpoints=True), workdir)
   assert experiment.step == 2
@@ -114,8 +114,8 @@ def test_other_nesting_dims_give_one_line_and_no_thread_traceback(workdir):
   out = subprocess.run(
       [sys.executable, os.path.join(REPO, "train.py"),
        f"--config={os.path.join(REPO, 'configs', 'text_pairs.py')}", f"--workdir={workdir}",
-       "--config.max_length=16", "--config.num_train_steps=4", "--config.nesting.dims=(8, 32)",
-       "--config.encoder.dropout=0.0", "--config.warmup_steps=2"],
+       "--config.max_length=16", "--config.loop.num_train_steps=4", "--config.nesting.dims=(8, 32)",
+       "--config.encoder.dropout=0.0", "--config.optim.warmup_steps=2"],
       capture_output=True, text=True, timeout=300, cwd=REPO,
       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 2, out.stderr[-2000:]
