@@ -55,8 +55,10 @@ from mrl_jax.losses import (
 )
 from mrl_jax.models.text import POOLINGS, BertConfig, TextEncoder, load_hf_bert
 from mrl_jax.tasks import register
+from mrl_jax.tasks.specs import PairsSpec
 from mrl_jax.tokenizer import TextTokenizer, bucket_lengths
 from mrl_jax.train import config as config_lib
+from mrl_jax.train import specs
 from mrl_jax.train import task as base
 
 LOSSES = ("fused", "matryoshka", "2d")
@@ -96,7 +98,7 @@ def _hidden_size_of(model_dir: str) -> int:
                      f"{e}") from None
 
 
-def n_dims_per_step(config: ml_collections.ConfigDict) -> int | None:
+def n_dims_per_step(config: PairsSpec) -> int | None:
   """sentence-transformers' ``n_dims_per_step``: ``-1`` (or None) means every dim."""
   k = config.n_dims_per_step
   return None if k is None or k == -1 else int(k)
@@ -111,10 +113,11 @@ class PairsTask(base.Task):
   """
 
   name = "pairs"
+  spec_class = PairsSpec
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
-    files = train_files(config)
+    files = train_files(config.train_file)
     for path in files:
       if not os.path.isfile(path):
         raise ValueError(f"config.train_file: {path!r} is not a file")
@@ -171,12 +174,11 @@ class PairsTask(base.Task):
     if config.max_length < 2:
       raise ValueError(f"config.max_length={config.max_length} must be >= 2 ([CLS] and [SEP])")
 
-  def __init__(self, config: ml_collections.ConfigDict, *, workdir: str,
-               mesh: jax.sharding.Mesh):
+  def __init__(self, config: PairsSpec, *, workdir: str, mesh: jax.sharding.Mesh):
     super().__init__(config, workdir=workdir, mesh=mesh)
     self.dims = tuple(config.nesting.dims)
     self.weights = jnp.asarray(config.nesting.weights, jnp.float32)
-    self.sources = [read_text_pairs(path) for path in train_files(config)]
+    self.sources = [read_text_pairs(path) for path in train_files(config.train_file)]
     self._pretrained = None
     if config.model_dir is not None:
       bert = load_hf_bert(config.model_dir, pooling=config.pooling, max_length=config.max_length)
@@ -369,22 +371,22 @@ class PairsTask(base.Task):
         out_dir, modality="text", dims=list(self.dims),
         weights=[float(w) for w in np.asarray(self.weights)], is_matryoshka=is_matryoshka,
         step=step,
-        task=self.name, training_config=config_lib.plain(self.config.to_dict()))
+        task=self.name, training_config=specs.as_json(self.config))
 
 
-def eval_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+def eval_data(config: PairsSpec) -> tuple[Any, Any]:
   """:func:`mrl_jax.data.text.eval_data` of ``config.eval_file`` / ``config.eval_pairs_file``."""
-  return eval_data_files(config.get("eval_file"), config.get("eval_pairs_file"))
+  return eval_data_files(config.eval_file, config.eval_pairs_file)
 
 
-def train_files(config: ml_collections.ConfigDict) -> list[str]:
+def train_files(train_file: str) -> list[str]:
   """The paths of ``config.train_file``: one, or several separated by commas."""
-  if not isinstance(config.train_file, str) or not config.train_file.strip():
-    raise ValueError(f"config.train_file={config.train_file!r} must name one or more files")
-  return [p.strip() for p in config.train_file.split(",") if p.strip()]
+  if not isinstance(train_file, str) or not train_file.strip():
+    raise ValueError(f"config.train_file={train_file!r} must name one or more files")
+  return [p.strip() for p in train_file.split(",") if p.strip()]
 
 
-def make_pair_loss(config: ml_collections.ConfigDict, dims: tuple[int, ...]):
+def make_pair_loss(config: PairsSpec, dims: tuple[int, ...]):
   """``loss(anchors, positives, *, rng) -> float32 scalar`` for ``config.loss``.
 
   ``"fused"`` and ``"matryoshka"`` take ``[B, D]`` embeddings, ``"2d"`` takes the

@@ -178,7 +178,7 @@ class Experiment:
     self.config = config = config_lib.validate_config(config, task, num_devices=self.mesh.size)
     self.spec = spec = config_lib.spec_of(config)
     self.workdir = os.path.abspath(workdir)
-    self.task = task(config, workdir=self.workdir, mesh=self.mesh)
+    self.task = task(task.parse_spec(config), workdir=self.workdir, mesh=self.mesh)
     self.dims = self.task.dims
     self.total_steps, _ = optim.total_and_warmup_steps(spec, self.task.steps_per_epoch)
     self.schedule = optim.learning_rate_schedule(spec, self.task.steps_per_epoch)
