@@ -33,6 +33,7 @@ from mrl_jax.train.checkpoints import CheckpointError
 from mrl_jax.train.preemption import Preempted
 
 FLAGS = flags.FLAGS
+config_lib.accept_none_on_command_line()  # --config.X=None for every optional field
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_bool("distributed", False,

@@ -68,7 +68,8 @@ def jax_step(config, mesh, *, workdir: str, nested: bool):
   if not nested:
     config.loss, config.nesting.dims, config.nesting.weights = "matryoshka", (384,), None
   config = experiments.validate_config(config, num_devices=mesh.size)
-  task = experiments.task_of(config)(config, workdir=workdir, mesh=mesh)
+  task_class = experiments.task_of(config)
+  task = task_class(task_class.parse_spec(config), workdir=workdir, mesh=mesh)
   schedule = optim.learning_rate_schedule(config_lib.spec_of(config), task.steps_per_epoch)
   state = loop.create_train_state(
       task, jax.random.PRNGKey(0), optim.make_optimizer(config_lib.spec_of(config).optim, schedule),

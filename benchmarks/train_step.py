@@ -46,7 +46,8 @@ def build_step(head: str, args: argparse.Namespace, mesh: jax.sharding.Mesh):
   config.batch_size = args.batch_size
   config.half_precision = args.bf16
   config = experiments.validate_config(config, num_devices=mesh.size)
-  task = ClassificationTask.without_data(config, mesh=mesh, num_classes=NUM_CLASSES,
+  spec = ClassificationTask.parse_spec(config)
+  task = ClassificationTask.without_data(spec, mesh=mesh, num_classes=NUM_CLASSES,
                                         input_shape=(args.image_size, args.image_size, 3))
   schedule = optim.learning_rate_schedule(config_lib.spec_of(config), steps_per_epoch=1251)
   state = loop.create_train_state(

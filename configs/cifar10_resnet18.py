@@ -11,6 +11,7 @@ warm-up. The embedding is the 512-d pooled feature, nested 8, 16, ..., 512.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import imagenet_resnet50
 from mrl_jax.data.images import CIFAR10_MEAN, CIFAR10_STD
@@ -22,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_split = "test"
   config.shuffle_buffer = 50_000
   config.input = ml_collections.ConfigDict(dict(
-      style="cifar", pad=4, mean=CIFAR10_MEAN, std=CIFAR10_STD, cache=True))
+      style="cifar", pad=4, mean=CIFAR10_MEAN, std=CIFAR10_STD, cache=True,
+      image_size=placeholder(int), train_sizes=placeholder(tuple)))  # "imagenet" style only
   config.encoder.embed_dim = 512
   config.encoder.depth = 18
   config.encoder.stem = "cifar"

@@ -235,7 +235,8 @@ def _export_untrained(config: ml_collections.ConfigDict, workdir: str) -> str:
   config = experiments.validate_config(config)  # fills the nesting weights of a variant
   spec = config_lib.spec_of(config)
   mesh = sharding.make_mesh(spec.mesh.shape)
-  task = experiments.task_of(config)(config, workdir=os.path.abspath(workdir), mesh=mesh)
+  task_class = experiments.task_of(config)
+  task = task_class(task_class.parse_spec(config), workdir=os.path.abspath(workdir), mesh=mesh)
   schedule = optim.learning_rate_schedule(spec, task.steps_per_epoch)
   state = loop.create_train_state(task, jax.random.PRNGKey(spec.seed),
                                   optim.make_optimizer(spec.optim, schedule), mesh)

@@ -40,6 +40,18 @@ def validate_config(config: ml_collections.ConfigDict,
   return config_lib.validate_config(config, task_of(config), num_devices)
 
 
+def task_spec(config: ml_collections.ConfigDict,
+              num_devices: int | None = None) -> specs.TaskSpec:
+  """The typed spec of ``config.task``'s task (:meth:`~mrl_jax.train.task.Task.parse_spec`) of
+  ``config`` validated: what a task is built from (``PairsTask(task_spec(config), ...)``).
+
+  Raises:
+    ValueError: naming the offending field (``config.NAME=value``).
+  """
+  task = task_of(config)
+  return task.parse_spec(config_lib.validate_config(config, task, num_devices))
+
+
 def create(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """The :class:`~mrl_jax.train.loop.Experiment` of ``config.task`` in ``workdir`` (resuming)."""
   return Experiment(config, workdir, task_of(config))

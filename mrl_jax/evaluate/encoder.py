@@ -18,7 +18,6 @@ import json
 import os
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from mrl_jax.bundle.encoder import Encoder
@@ -36,7 +35,7 @@ def image_splits(encoder: Encoder) -> dict[str, dict[str, np.ndarray]]:
   data = encoder.config["data"]
   builder = pipeline.get_builder(data["dataset"], data.get("data_dir"))
   training = encoder.metadata.get("training_config") or {}
-  image_input = images.ImageInput.from_config(ml_collections.ConfigDict(training))
+  image_input = images.ImageInput.from_fields(training.get("input"))
   out = {}
   for split in (data["train_split"], data["eval_split"]):
     xs, labels = [], []

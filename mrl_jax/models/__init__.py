@@ -7,7 +7,7 @@ the nested heads and losses are shared by all of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -26,12 +26,16 @@ __all__ = ["CNN", "ENCODERS", "HEADS", "MLP", "Classifier", "ResNet", "ViT", "bu
            "build_encoder", "head_dims"]
 
 
-def build_encoder(encoder: Mapping[str, Any], half_precision: bool = False) -> nn.Module:
+def build_encoder(encoder: Any, half_precision: bool = False) -> nn.Module:
   """The encoder of a config's ``encoder`` section: ``name`` plus the encoder's keyword arguments.
 
-  JSON lists (e.g. ``hidden`` read back from a checkpoint or bundle) become tuples.
+  Args:
+    encoder: a parsed encoder spec (:data:`mrl_jax.tasks.specs.ImageEncoderSpec`) or
+      its JSON dict (a bundle's ``config.json["encoder"]``); JSON lists (e.g.
+      ``hidden``) become tuples.
   """
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(encoder).items()}
+  fields = dataclasses.asdict(encoder) if dataclasses.is_dataclass(encoder) else dict(encoder)
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
   name = kwargs.pop("name", None)
   if name not in ENCODERS:
     raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
@@ -39,7 +43,7 @@ def build_encoder(encoder: Mapping[str, Any], half_precision: bool = False) -> n
 
 
 def build_classifier(config: Any, num_classes: int) -> Classifier:
-  """The classifier described by ``config`` (already validated by ``config_lib``).
+  """The classifier described by ``config``, a :class:`~mrl_jax.tasks.specs.ClassificationSpec`.
 
   Uses ``config.encoder`` (``name`` plus the encoder's keyword arguments,
   including ``embed_dim``), ``config.head`` (``"mrl"``, ``"mrl_e"`` or ``"ff"``),

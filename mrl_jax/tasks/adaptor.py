@@ -52,7 +52,9 @@ from mrl_jax.evaluate.adaptor import (
 from mrl_jax.losses.adaptor import GAPS, adaptor_loss
 from mrl_jax.models.adaptor import ACTIVATIONS, MatryoshkaAdaptor
 from mrl_jax.tasks import register
+from mrl_jax.tasks.specs import AdaptorSpec
 from mrl_jax.train import config as config_lib
+from mrl_jax.train import specs
 from mrl_jax.train import task as base
 
 _SPLIT_TAG = 0x5EED  # the held-out rows depend on N only, not on config.seed
@@ -123,7 +125,7 @@ class AdaptorData:
     return self.queries is not None
 
 
-def read_data(config: ml_collections.ConfigDict) -> AdaptorData:
+def read_data(config: AdaptorSpec) -> AdaptorData:
   """Load and check the files of ``config``, then split them (see :class:`AdaptorData`).
 
   Raises:
@@ -249,6 +251,7 @@ class AdaptorTask(base.Task):
   """
 
   name = "adaptor"
+  spec_class = AdaptorSpec
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -292,7 +295,7 @@ class AdaptorTask(base.Task):
     if config.embeddings_file is None:
       raise ValueError("config.embeddings_file is required: a .npy float32 array [N, D] "
                        "(--config.embeddings_file=PATH)")
-    data = read_data(config)
+    data = read_data(cls.parse_spec(config))  # embed_dim and nesting still None here
     d = data.embeddings.shape[1]
     if config.encoder.embed_dim not in (None, d):
       raise ValueError(f"config.encoder.embed_dim={config.encoder.embed_dim} differs from "
@@ -301,8 +304,7 @@ class AdaptorTask(base.Task):
     if config.text_encoder is not None:
       check_text_encoder(config.text_encoder, d)
 
-  def __init__(self, config: ml_collections.ConfigDict, *, workdir: str,
-               mesh: jax.sharding.Mesh):
+  def __init__(self, config: AdaptorSpec, *, workdir: str, mesh: jax.sharding.Mesh):
     super().__init__(config, workdir=workdir, mesh=mesh)
     self.data = data = read_data(config)
     self.dims = tuple(config.nesting.dims)
@@ -548,4 +550,4 @@ class AdaptorTask(base.Task):
     artifact.write_metadata(
         out_dir, modality="embedding", dims=model_config["matryoshka_dimensions"],
         weights=[float(w) for w in self.config.nesting.weights], is_matryoshka=True, step=step,
-        task=self.name, training_config=config_lib.plain(self.config.to_dict()))
+        task=self.name, training_config=specs.as_json(self.config))

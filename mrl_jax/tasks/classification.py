@@ -29,8 +29,10 @@ from mrl_jax.bundle import artifact
 from mrl_jax.core import fileio
 from mrl_jax.losses import nested_loss_per_dim, softmax_cross_entropy_per_dim
 from mrl_jax.tasks import register
+from mrl_jax.tasks.specs import ClassificationSpec
 from mrl_jax.train import config as config_lib
 from mrl_jax.train import sharding as sharding_lib
+from mrl_jax.train import specs
 from mrl_jax.train import task as base
 
 HEADS = ("mrl", "mrl_e", "ff")
@@ -44,6 +46,7 @@ class ClassificationTask(base.Task):
   """
 
   name = "classification"
+  spec_class = ClassificationSpec
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -65,17 +68,16 @@ class ClassificationTask(base.Task):
     for name in ("dataset", "train_split", "eval_split"):
       if not isinstance(config[name], str) or not config[name]:
         raise ValueError(f"config.{name}={config[name]!r} must be a non-empty string")
-    images.ImageInput.from_config(config)  # checks config.input
+    images.ImageInput.from_fields(config.to_dict().get("input"))  # checks config.input
 
-  def __init__(self, config: ml_collections.ConfigDict, *, workdir: str,
-               mesh: jax.sharding.Mesh):
+  def __init__(self, config: ClassificationSpec, *, workdir: str, mesh: jax.sharding.Mesh):
     # TensorFlow / grain (the images extra): imported only when data is read.
     from mrl_jax.data import grain_input, images, pipeline
 
     super().__init__(config, workdir=workdir, mesh=mesh)
     self.builder = pipeline.get_builder(config.dataset, config.data_dir)
     self.spec = pipeline.dataset_spec(self.builder, config.train_split, config.eval_split)
-    self.input = images.ImageInput.from_config(config)
+    self.input = images.ImageInput.from_spec(config.input)
     self.input_pipeline = config.input_pipeline
     if self.input_pipeline == "grain":  # no ArrayRecord files: says how to add them
       grain_input.data_source(self.builder, config.train_split, decoders=self.input.decoders)
@@ -83,10 +85,11 @@ class ClassificationTask(base.Task):
     self._build(self.spec.num_classes, self.input.model_input_shape(self.spec.image_shape))
 
   @classmethod
-  def without_data(cls, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh,
+  def without_data(cls, config: ClassificationSpec, *, mesh: jax.sharding.Mesh,
                    num_classes: int, input_shape: tuple[int, ...],
                    steps_per_epoch: int = 1) -> ClassificationTask:
-    """The model, loss and step of a validated config, with no data set (benchmarks, tests)."""
+    """The model, loss and step of a spec (:meth:`parse_spec`), with no data set (benchmarks,
+    tests)."""
     task = cls.__new__(cls)
     base.Task.__init__(task, config, workdir="", mesh=mesh)
     task.steps_per_epoch = steps_per_epoch
@@ -213,7 +216,7 @@ class ClassificationTask(base.Task):
     c = self.config
     return {
         "model_type": "mrl_jax_image_encoder",
-        "encoder": config_lib.plain(c.encoder.to_dict()),
+        "encoder": specs.as_json(c.encoder),
         "embed_dim": int(c.encoder.embed_dim),
         "half_precision": bool(c.half_precision),
         "is_matryoshka": c.head != "ff",
@@ -221,7 +224,7 @@ class ClassificationTask(base.Task):
         "head": {"kind": c.head, "num_classes": int(self.num_classes),
                  "dims": [int(m) for m in self.dims]},
         "input": {"shape": [int(n) for n in self.input_shape], "dtype": "float32"},
-        "preprocessing": preprocessing_info(c.to_dict()),
+        "preprocessing": preprocessing_info(specs.as_json(c)),
         "data": {"dataset": c.dataset, "data_dir": c.data_dir, "train_split": c.train_split,
                  "eval_split": c.eval_split},
     }
@@ -235,7 +238,7 @@ class ClassificationTask(base.Task):
         out_dir, modality="image", dims=model_config["matryoshka_dimensions"],
         weights=[float(w) for w in np.asarray(self.weights)],
         is_matryoshka=model_config["is_matryoshka"], step=step, task=self.name,
-        training_config=config_lib.plain(self.config.to_dict()))
+        training_config=specs.as_json(self.config))
 
 
 def split_variables(variables: base.Variables) -> dict[str, Any]:

@@ -57,8 +57,10 @@ from mrl_jax.losses import (
 )
 from mrl_jax.models.text import POOLINGS, BertConfig, TextEncoder, load_hf_bert
 from mrl_jax.tasks import register
+from mrl_jax.tasks.specs import PairsSpec
 from mrl_jax.tokenizer import TextTokenizer, bucket_lengths
 from mrl_jax.train import config as config_lib
+from mrl_jax.train import specs
 from mrl_jax.train import task as base
 
 LOSSES = ("fused", "matryoshka", "2d")
@@ -156,14 +158,14 @@ def base_max_seq_length(model_dir: str, max_position_embeddings: int) -> int:
   return max_position_embeddings
 
 
-def served_max_seq_length(config: ml_collections.ConfigDict, max_position_embeddings: int) -> int:
+def served_max_seq_length(config: PairsSpec, max_position_embeddings: int) -> int:
   """The exported model's ``max_seq_length``: ``config.export.max_seq_length`` if set, else
   the base model's (:func:`base_max_seq_length`), else (a random BERT) its position table.
 
   Never silently the training ``config.max_length``: training on short buckets says
   nothing about the length the model serves.
   """
-  explicit = (config.get("export") or {}).get("max_seq_length")
+  explicit = config.export.max_seq_length
   if explicit is not None:
     return int(explicit)
   if config.model_dir is not None:
@@ -171,7 +173,7 @@ def served_max_seq_length(config: ml_collections.ConfigDict, max_position_embedd
   return max_position_embeddings
 
 
-def n_dims_per_step(config: ml_collections.ConfigDict) -> int | None:
+def n_dims_per_step(config: PairsSpec) -> int | None:
   """sentence-transformers' ``n_dims_per_step``: ``-1`` (or None) means every dim."""
   k = config.n_dims_per_step
   return None if k is None or k == -1 else int(k)
@@ -186,10 +188,11 @@ class PairsTask(base.Task):
   """
 
   name = "pairs"
+  spec_class = PairsSpec
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
-    files = train_files(config)
+    files = train_files(config.train_file)
     for path in files:
       if not os.path.isfile(path):
         raise ValueError(f"config.train_file: {path!r} is not a file")
@@ -254,12 +257,11 @@ class PairsTask(base.Task):
     if config.max_length < 2:
       raise ValueError(f"config.max_length={config.max_length} must be >= 2 ([CLS] and [SEP])")
 
-  def __init__(self, config: ml_collections.ConfigDict, *, workdir: str,
-               mesh: jax.sharding.Mesh):
+  def __init__(self, config: PairsSpec, *, workdir: str, mesh: jax.sharding.Mesh):
     super().__init__(config, workdir=workdir, mesh=mesh)
     self.dims = tuple(config.nesting.dims)
     self.weights = jnp.asarray(config.nesting.weights, jnp.float32)
-    self.sources = [read_text_pairs(path) for path in train_files(config)]
+    self.sources = [read_text_pairs(path) for path in train_files(config.train_file)]
     self._pretrained = None
     if config.model_dir is not None:
       bert = load_hf_bert(resolve_model_dir(config.model_dir), pooling=config.pooling,
@@ -275,7 +277,7 @@ class PairsTask(base.Task):
           intermediate_size=enc.intermediate_size, max_position_embeddings=config.max_length,
           hidden_dropout=enc.dropout, attention_dropout=enc.dropout),
           pooling=config.pooling or "mean")
-    served = (config.get("export") or {}).get("max_seq_length")
+    served = config.export.max_seq_length
     if served is not None and served > self.model.config.max_position_embeddings:
       raise ValueError(f"config.export.max_seq_length={served} exceeds the model's "
                        f"max_position_embeddings={self.model.config.max_position_embeddings} "
@@ -468,7 +470,7 @@ class PairsTask(base.Task):
     cfg = self.model.config
     served = served_max_seq_length(self.config, cfg.max_position_embeddings)
     base_dir = resolve_model_dir(self.config.model_dir) if self.config.model_dir else None
-    training_config = config_lib.plain(self.config.to_dict())
+    training_config = specs.as_json(self.config)
     metrics = self._measured_metrics(step)
     card = text_model_card(
         embed_dim=cfg.hidden_size, dims=self.dims, is_matryoshka=is_matryoshka,
@@ -476,16 +478,16 @@ class PairsTask(base.Task):
         pooling=self.model.pooling, base_model=self._base_model_name(),
         license=front_matter_license(base_dir), metrics=metrics,
         metrics_step=step if metrics else None, training_config=training_config)
-    export_cfg = self.config.get("export") or {}
+    export_cfg = self.config.export
     save_sentence_transformer(
         out_dir, params=variables["params"], config=cfg,
         tokenizer=self.tokenizer.tokenizer, pooling=self.model.pooling,
         max_seq_length=served, matryoshka_dimensions=self.dims if is_matryoshka else (),
         normalize=True, overwrite=True,
         pooler=read_pooler(base_dir) if base_dir else None,
-        prompts=export_cfg.get("prompts"), default_prompt_name=export_cfg.get(
-            "default_prompt_name"), model_card=card)
-    calibration = self._calibration_texts(int(export_cfg.get("calibration_size") or 0))
+        prompts=export_cfg.prompts, default_prompt_name=export_cfg.default_prompt_name,
+        model_card=card)
+    calibration = self._calibration_texts(export_cfg.calibration_size)
     if calibration:
       # sentence-transformers' int8 calibrated on training texts, one range per trained dim.
       write_int8_ranges(out_dir, int8_ranges_per_dim(
@@ -536,19 +538,19 @@ class PairsTask(base.Task):
     return out or None
 
 
-def eval_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+def eval_data(config: PairsSpec) -> tuple[Any, Any]:
   """:func:`mrl_jax.data.text.eval_data` of ``config.eval_file`` / ``config.eval_pairs_file``."""
-  return eval_data_files(config.get("eval_file"), config.get("eval_pairs_file"))
+  return eval_data_files(config.eval_file, config.eval_pairs_file)
 
 
-def train_files(config: ml_collections.ConfigDict) -> list[str]:
+def train_files(train_file: str) -> list[str]:
   """The paths of ``config.train_file``: one, or several separated by commas."""
-  if not isinstance(config.train_file, str) or not config.train_file.strip():
-    raise ValueError(f"config.train_file={config.train_file!r} must name one or more files")
-  return [p.strip() for p in config.train_file.split(",") if p.strip()]
+  if not isinstance(train_file, str) or not train_file.strip():
+    raise ValueError(f"config.train_file={train_file!r} must name one or more files")
+  return [p.strip() for p in train_file.split(",") if p.strip()]
 
 
-def make_pair_loss(config: ml_collections.ConfigDict, dims: tuple[int, ...]):
+def make_pair_loss(config: PairsSpec, dims: tuple[int, ...]):
   """``loss(anchors, positives, *, rng) -> float32 scalar`` for ``config.loss``.
 
   ``"fused"`` and ``"matryoshka"`` take ``[B, D]`` embeddings, ``"2d"`` takes the

@@ -123,6 +123,43 @@ def _importable_from(directory: str):
       sys.path.remove(directory)
 
 
+class _NoneOr:
+  """A config-flag parser that reads ``None`` as None, anything else with ``inner``."""
+
+  def __init__(self, inner: Any):
+    self.inner = inner
+
+  def parse(self, argument: Any) -> Any:
+    return None if argument == "None" else self.inner.parse(argument)
+
+  def flag_type(self) -> str:
+    return self.inner.flag_type()
+
+
+def accept_none_on_command_line() -> None:
+  """Let ``--config.X=None`` set any int, float, str or tuple field to None.
+
+  ml_collections parses an override with the field's type, so ``None`` is an
+  error for an int placeholder (``--config.ff_dim=None``), the string ``"None"``
+  for a str one (``--config.eval_file=None``) and ``(None,)`` for a tuple. Called
+  by the command-line entry point (``train.py``) before flags are parsed; the
+  specs then refuse None where a field is not optional, naming it. A str field
+  can no longer be the literal text ``None``.
+  """
+  from absl import flags
+  from ml_collections import config_flags
+
+  for kind, inner in ((int, flags.IntegerParser()), (float, flags.FloatParser()),
+                      (str, flags.ArgumentParser()), (tuple, _tuple_parser())):
+    config_flags.register_flag_parser_for_type(kind, _NoneOr(inner))
+
+
+def _tuple_parser() -> Any:
+  from ml_collections.config_flags import tuple_parser
+
+  return tuple_parser.TupleParser()
+
+
 def load_config_file(path: str, **overrides: Any) -> ml_collections.ConfigDict:
   """``get_config()`` of a config file (e.g. ``configs/digits_mlp.py``), then ``overrides``.
 
@@ -179,6 +216,7 @@ def validate_config(config: ml_collections.ConfigDict, task: type[Task],
   task.validate(config)
   if config.encoder.get("embed_dim") is None:
     raise ValueError(f"the {config.task!r} task did not set config.encoder.embed_dim")
+  task.parse_spec(config)  # unknown fields and wrong types refused here, by name
   config.lock()
   return config
 

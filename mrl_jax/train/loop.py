@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mrl_jax.bundle import artifact
 from mrl_jax.train import config as config_lib
-from mrl_jax.train import optim, preemption
+from mrl_jax.train import optim, preemption, specs
 from mrl_jax.train import sharding as sharding_lib
 from mrl_jax.train.checkpoints import Checkpointer
 from mrl_jax.train.task import Task
@@ -178,7 +178,8 @@ class Experiment:
     self.config = config = config_lib.validate_config(config, task, num_devices=self.mesh.size)
     self.spec = spec = config_lib.spec_of(config)
     self.workdir = os.path.abspath(workdir)
-    self.task = task(config, workdir=self.workdir, mesh=self.mesh)
+    self.task_spec = task.parse_spec(config)
+    self.task = task(self.task_spec, workdir=self.workdir, mesh=self.mesh)
     self.dims = self.task.dims
     self.total_steps, _ = optim.total_and_warmup_steps(spec, self.task.steps_per_epoch)
     self.schedule = optim.learning_rate_schedule(spec, self.task.steps_per_epoch)
@@ -192,6 +193,7 @@ class Experiment:
     self.checkpointer = Checkpointer(
         os.path.join(self.workdir, "checkpoints"),
         {"config": json.loads(config_lib.to_json(config)), "spec": spec.to_json(),
+         "task_spec": specs.as_json(self.task_spec),
          "task": spec.task, "dims": list(self.dims), **self.task.checkpoint_metadata()},
         max_to_keep=spec.checkpoint.max_to_keep, best_metric=self.best_metric,
         best_mode=spec.checkpoint.best_mode, async_save=spec.checkpoint.async_save,

@@ -194,6 +194,50 @@ class RunSpec:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class NestingSpec:
+  """``config.nesting``: the nested dims (validated and ascending once past the boundary).
+
+  Attributes:
+    dims: the nested dims ``m``, ascending; None (before validation only): powers
+      of two from ``start`` up to ``encoder.embed_dim``.
+    start: the smallest default dim.
+    weights: the loss weight of each dim (None: all 1).
+  """
+
+  dims: tuple[int, ...] | None = None
+  start: int = 8
+  weights: tuple[float, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+  """The shared fields every task's spec has (:func:`mrl_jax.train.config.base_config`).
+
+  A task's spec (``ClassificationSpec``, ``PairsSpec``, ...) subclasses this with
+  its own fields (its data, its ``encoder`` section) and is what the task is
+  built from: :meth:`mrl_jax.train.task.Task.parse_spec`.
+
+  Attributes:
+    task: ``config.task``, the registered task's name.
+    seed: the PRNG seed of initialisation, dropout and data order.
+    half_precision: bfloat16 compute (float32 parameters and optimiser state).
+    batch_size: the global batch over all devices and hosts.
+    nesting: the nested dims and weights.
+    optim, loop, mesh, checkpoint: the namespaced specs above.
+  """
+
+  task: str
+  seed: int = 0
+  half_precision: bool = False
+  batch_size: int = 128
+  nesting: NestingSpec = dataclasses.field(default_factory=NestingSpec)
+  optim: OptimSpec = dataclasses.field(default_factory=OptimSpec)
+  loop: LoopSpec
+  mesh: MeshSpec = dataclasses.field(default_factory=MeshSpec)
+  checkpoint: CheckpointSpec = dataclasses.field(default_factory=CheckpointSpec)
+
+
 def parse(cls: type, values: Mapping[str, Any], where: str) -> Any:
   """``cls(**values)`` with every field's type checked against ``cls``'s annotations.
 
@@ -220,16 +264,30 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
   if origin is typing.Union or origin is types.UnionType:
     if value is None and type(None) in args:
       return None
-    (hint,) = [a for a in args if a is not type(None)]
-    return _typed(value, hint, where)
+    options = [a for a in args if a is not type(None)]
+    if len(options) > 1:
+      return _tagged(value, options, where)
+    return _typed(value, options[0], where)
+  if dataclasses.is_dataclass(hint):
+    return _section(value, hint, where)
   if origin is Literal:
     if value not in args:
       raise SpecError(f"{where}={value!r}; choose one of {args}")
     return value
+  if origin is dict:
+    if not isinstance(value, Mapping):
+      raise SpecError(f"{where}={value!r} must be a dict")
+    return {_typed(k, args[0], f"{where} key"): _typed(v, args[1], f"{where}[{k!r}]")
+            for k, v in value.items()}
   if origin is tuple:
     if isinstance(value, str) or not isinstance(value, (tuple, list)):
       raise SpecError(f"{where}={value!r} must be a tuple")
-    return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+      raise SpecError(f"{where}={value!r} must have {len(args)} entries")
+    pairs = enumerate(zip(value, args, strict=True))
+    return tuple(_typed(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
   if hint is bool:
     if not isinstance(value, bool):
       raise SpecError(f"{where}={value!r} must be True or False")
@@ -247,6 +305,43 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
       raise SpecError(f"{where}={value!r} must be a string")
     return value
   raise TypeError(f"{where}: no parser for {hint!r}")  # a spec field of an unsupported type
+
+
+def _section(value: Any, cls: type, where: str) -> Any:
+  """A nested spec (``config.encoder``): a sub-dict parsed field by field, or a parsed spec."""
+  if isinstance(value, cls):
+    return value
+  if hasattr(value, "to_dict"):  # an ml_collections ConfigDict at the boundary
+    value = value.to_dict()
+  if not isinstance(value, Mapping):
+    raise SpecError(f"{where}={value!r} must be a dict of the fields of {cls.__name__}")
+  return parse(cls, value, where)
+
+
+def _tagged(value: Any, options: list[type], where: str) -> Any:
+  """One of several nested specs, chosen by the value of their ``name`` field (a Literal)."""
+  by_name = {typing.get_args(typing.get_type_hints(c)["name"])[0]: c for c in options}
+  name = value.get("name") if isinstance(value, Mapping) else getattr(value, "name", None)
+  if name not in by_name:
+    raise SpecError(f"{where}.name={name!r}; choose one of {tuple(by_name)}")
+  return _section(value, by_name[name], where)
+
+
+def as_json(spec: Any) -> Any:
+  """A JSON-able copy of a spec (bundle and checkpoint metadata): dicts, lists, scalars.
+
+  Nested specs become dicts of their fields, tuples lists, a :class:`Nesting`
+  its dims and weights.
+  """
+  if isinstance(spec, Nesting):
+    return {"dims": list(spec.dims), "weights": list(spec.weights)}
+  if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+    return {f.name: as_json(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+  if isinstance(spec, Mapping):
+    return {str(k): as_json(v) for k, v in spec.items()}
+  if isinstance(spec, (tuple, list)):
+    return [as_json(v) for v in spec]
+  return spec
 
 
 def _at_least(spec: Any, name: str, low: float) -> None:

@@ -20,6 +20,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from mrl_jax.train import specs
+
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ..., ...}
 Batch = dict[str, Any]  # a pytree of host-local numpy arrays with a leading batch axis
 
@@ -27,21 +29,24 @@ Batch = dict[str, Any]  # a pytree of host-local numpy arrays with a leading bat
 class Task(abc.ABC):
   """One kind of training run, as a plugin of :class:`mrl_jax.train.loop.Experiment`.
 
-  Construction gets the VALIDATED config (see :meth:`validate`), the run's
-  workdir (for assets a resume must reuse, e.g. a vocabulary) and the mesh.
+  Construction gets the task's typed spec of the VALIDATED config (see
+  :meth:`validate` and :meth:`parse_spec`; never the ConfigDict itself), the
+  run's workdir (for assets a resume must reuse, e.g. a vocabulary) and the mesh.
 
   Attributes:
     name: the value of ``config.task`` that selects this task.
+    spec_class: the task's frozen spec dataclass (a :class:`~mrl_jax.train.specs.TaskSpec`).
+    config: the task's spec (``self.config.batch_size``, ``self.config.nesting.dims``, ...).
     dims: the nested dims of the per-dim metrics (``loss_per_dim`` ...), ascending.
     steps_per_epoch: training batches per pass over the data.
   """
 
   name: ClassVar[str]
+  spec_class: ClassVar[type[specs.TaskSpec]] = specs.TaskSpec
   dims: tuple[int, ...]
   steps_per_epoch: int
 
-  def __init__(self, config: ml_collections.ConfigDict, *, workdir: str,
-               mesh: jax.sharding.Mesh):
+  def __init__(self, config: specs.TaskSpec, *, workdir: str, mesh: jax.sharding.Mesh):
     self.config = config
     self.workdir = workdir
     self.mesh = mesh
@@ -60,6 +65,16 @@ class Task(abc.ABC):
     Raises:
       ValueError: naming the field (``config.NAME=value``) and what is allowed.
     """
+
+  @classmethod
+  def parse_spec(cls, config: ml_collections.ConfigDict) -> specs.TaskSpec:
+    """The typed :attr:`spec_class` of a config passed through :meth:`validate`.
+
+    Raises:
+      mrl_jax.train.specs.SpecError: naming ``config.FIELD``: a field the spec does
+        not have, a value of the wrong type, a choice out of its values.
+    """
+    return specs.parse(cls.spec_class, config.to_dict(), "config")
 
   # --- model -----------------------------------------------------------------------
 

@@ -139,11 +139,10 @@ def test_scale_style_is_the_default_and_needs_fixed_sizes():
     (dict(style="imagenet", image_size=224, train_sizes=(16, 192)), "train_sizes"),
     (dict(style="imagenet", image_size=224, ramp_epochs=(5, 2)), "ramp_epochs"),
     (dict(style="scale", mean=(0.5,), std=(0.2, 0.2)), "one entry per channel"),
-    (dict(colour_jitter=0.4), "unknown config.input fields"),
+    (dict(colour_jitter=0.4), "config.input has no field 'colour_jitter'"),
+    (dict(pad="4"), "config.input.pad='4' must be an int"),
 ])
 def test_bad_input_fields_are_named(fields, match):
-  import ml_collections
-
   with pytest.raises(ValueError, match=match):
-    images.ImageInput.from_config(ml_collections.ConfigDict({"input": fields}))
+    images.ImageInput.from_fields(fields)
 

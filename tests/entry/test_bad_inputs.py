@@ -162,7 +162,7 @@ def test_bad_text_files_of_a_run_name_the_file_and_line(field, content, match, d
 @pytest.fixture(scope="module")
 def bundle(digits_dir, tmp_path_factory):
   """An image bundle of an untrained tiny MLP (no data read, no training)."""
-  config = experiments.validate_config(tiny("classification", digits_dir))
+  config = experiments.task_spec(tiny("classification", digits_dir))
   task = ClassificationTask.without_data(config, mesh=sharding_lib.make_mesh(),
                                          num_classes=10, input_shape=(8, 8, 1))
   variables = jax.tree.map(np.asarray, task.init_variables(jax.random.PRNGKey(0)))

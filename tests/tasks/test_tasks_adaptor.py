@@ -113,7 +113,7 @@ def test_the_bundle_serves_the_trained_adaptor_truncated_then_normalised(trained
 
 
 def test_batches_depend_only_on_seed_and_step_and_never_hold_eval_rows(files, tmp_path):
-  config = experiments.validate_config(_config(files["x"]))
+  config = experiments.task_spec(_config(files["x"]))
   task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
   data = task.data
   assert data.eval_rows.size == 150 and data.train_rows.size == 450
@@ -134,7 +134,7 @@ def test_batches_depend_only_on_seed_and_step_and_never_hold_eval_rows(files, tm
 
 def test_supervised_loss_is_adaptor_loss_and_pairs_are_split_by_held_out_document(files,
                                                                                   tmp_path):
-  config = experiments.validate_config(_config(
+  config = experiments.task_spec(_config(
       files["x"], queries_file=files["queries"], pairs_file=files["pairs"], pair_batch_size=32,
       nesting={"dims": (8, 64), "weights": (2.0, 1.0)}, rank_weight=0.5))
   task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
@@ -166,9 +166,9 @@ def test_supervised_loss_is_adaptor_loss_and_pairs_are_split_by_held_out_documen
 def test_pca_init_starts_as_uncentred_pca_of_the_training_rows(files, tmp_path):
   from mrl_jax.evaluate.adaptor import fit_pca
 
-  config = experiments.validate_config(_config(files["x"], adaptor={"init": "pca"}))
+  config = experiments.task_spec(_config(files["x"], adaptor={"init": "pca"}))
   task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
-  assert AdaptorTask(experiments.validate_config(_config(files["x"])), workdir=str(tmp_path),
+  assert AdaptorTask(experiments.task_spec(_config(files["x"])), workdir=str(tmp_path),
                      mesh=sharding_lib.make_mesh()).pretrained_variables() is None
   x = task.data.embeddings
   pca = fit_pca(x[task.data.train_rows], center=False)
@@ -258,7 +258,7 @@ def test_a_text_encoder_and_the_adaptor_compose_into_one_bundle(tmp_path):
 
   from mrl_jax.tasks.pairs import PairsTask
 
-  text_task = PairsTask(experiments.validate_config(tiny_text_config()),
+  text_task = PairsTask(experiments.task_spec(tiny_text_config()),
                         workdir=str(tmp_path / "text_run"), mesh=sharding_lib.make_mesh())
   text_dir = str(tmp_path / "text")
   os.makedirs(text_dir)

@@ -20,7 +20,7 @@ from mrl_jax.train import sharding as sharding_lib
 
 def _task(tmp_path, **overrides):
 
-  config = experiments.validate_config(tiny_text_config(**overrides))
+  config = experiments.task_spec(tiny_text_config(**overrides))
   return PairsTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
 
 
