@@ -7,7 +7,7 @@ Where the other bullets of those issues are tested (so that none is tested twice
   learning rate, ``max_to_keep=0``, missing train file: one line, exit 2),
   ``tests/train/test_loop.py`` (negative ``warmup_steps``/``weight_decay``, ``num_train_steps=0``,
   duplicate or too large dims, workdir ahead of the run, another model's checkpoint);
-* files (kind 2): ``tests/data/test_text_data.py`` (non-UTF-8 lines, NaN gold scores, with
+* files (kind 2): ``tests/fixtures/test_text_data.py`` (non-UTF-8 lines, NaN gold scores, with
   ``path:line``), ``tests/train/test_checkpoint_integrity.py`` (corrupt or missing metrics and
   metadata files, missing ``manifest.ocdbt`` without event-loop tracebacks, flipped bits,
   retention), ``tests/bundle/test_export.py`` (changed bundle bytes, non-UTF-8 ``config.json``,
