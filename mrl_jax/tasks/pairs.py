@@ -173,8 +173,11 @@ class PairsTask(base.Task):
     self.weights = jnp.asarray(config.nesting.weights, jnp.float32)
     self.sources = [read_text_pairs(path) for path in train_files(config)]
     self._pretrained = None
+    # bf16 compute, float32 params: the pooled embeddings (and so the loss) stay float32.
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
     if config.model_dir is not None:
-      bert = load_hf_bert(config.model_dir, pooling=config.pooling, max_length=config.max_length)
+      bert = load_hf_bert(config.model_dir, pooling=config.pooling, max_length=config.max_length,
+                          dtype=dtype)
       self.model, self.tokenizer = bert.model, bert.tokenizer
       self._pretrained = {"params": bert.params}
     else:
@@ -185,7 +188,7 @@ class PairsTask(base.Task):
           num_layers=enc.num_layers, num_heads=enc.num_heads,
           intermediate_size=enc.intermediate_size, max_position_embeddings=config.max_length,
           hidden_dropout=enc.dropout, attention_dropout=enc.dropout),
-          pooling=config.pooling or "mean")
+          pooling=config.pooling or "mean", dtype=dtype)
     for source in self.sources:
       if len(source) < config.batch_size:
         raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
