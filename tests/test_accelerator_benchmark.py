@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 EXPECTED = {
-    "resnet": {"resnet18_single_head_ff2048", "resnet18_mrl", "resnet18_mrl_e"},
+    "resnet": {"cnn_single_head_ff", "cnn_mrl", "cnn_mrl_e"},
     "pairs": {"minilm_l6_plain_mnrl", "minilm_l6_nested_fused"},
     "cached": {"minilm_l6_gradcache_32", "minilm_l6_full_batch_32"},
     "retrieval": {"exact_64", "adaptive_8_to_64"},
