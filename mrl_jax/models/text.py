@@ -113,11 +113,14 @@ class BertConfig:
 
 
 def pool(hidden: jax.Array, attention_mask: jax.Array, how: str) -> jax.Array:
-  """``hidden [..., B, T, H]`` -> ``[..., B, H]``.
+  """``hidden [..., B, T, H]`` -> ``[..., B, H]`` float32.
 
   ``mean``: ``sum_t mask_t h_t / max(sum_t mask_t, 1e-9)`` (sentence-transformers'
-  mean pooling); ``cls``: ``h_0``, the first token.
+  mean pooling); ``cls``: ``h_0``, the first token. The sum runs in float32
+  whatever ``hidden``'s dtype (bf16 compute), so the embeddings the losses get
+  are float32.
   """
+  hidden = hidden.astype(jnp.float32)
   if how == "cls":
     return hidden[..., 0, :]
   mask = attention_mask.astype(hidden.dtype)[..., None]
@@ -148,9 +151,11 @@ def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
   ``jax.nn.dot_product_attention`` has no dropout, so this is the explicit
   einsum-softmax form: weights ``softmax(q k^T / sqrt(d))`` (padded keys get
   the dtype's lowest value), each weight kept with probability ``1 - rate``
-  and scaled by ``1 / (1 - rate)``.
+  and scaled by ``1 / (1 - rate)``. Logits and softmax run in float32 for
+  low-precision inputs (as in :func:`attention`).
   """
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  scores = scores / np.sqrt(q.shape[-1]).astype(np.float32)
   scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
   weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
   keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)

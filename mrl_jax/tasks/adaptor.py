@@ -255,8 +255,6 @@ class AdaptorTask(base.Task):
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
-    if config.half_precision:
-      raise ValueError("config.half_precision=True: the adaptor task computes in float32")
     hidden = config.adaptor.hidden
     if not isinstance(hidden, (tuple, list)) or not all(
         isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in hidden):
@@ -309,8 +307,10 @@ class AdaptorTask(base.Task):
     self.data = data = read_data(config)
     self.dims = tuple(config.nesting.dims)
     self.embed_dim = int(config.encoder.embed_dim)
-    self.model = MatryoshkaAdaptor(hidden=tuple(config.adaptor.hidden),
-                                   activation=config.adaptor.activation)
+    # bf16 dense layers with config.half_precision; the skip and the output stay float32.
+    self.model = MatryoshkaAdaptor(
+        hidden=tuple(config.adaptor.hidden), activation=config.adaptor.activation,
+        dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
     self.rows = EpochBatches(data.train_rows.size, config.batch_size, seed=config.seed,
                              tag=_ROWS_TAG)
     self.steps_per_epoch = self.rows.batches_per_epoch

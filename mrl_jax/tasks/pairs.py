@@ -263,9 +263,11 @@ class PairsTask(base.Task):
     self.weights = jnp.asarray(config.nesting.weights, jnp.float32)
     self.sources = [read_text_pairs(path) for path in train_files(config.train_file)]
     self._pretrained = None
+    # bf16 compute, float32 params: the pooled embeddings (and so the loss) stay float32.
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
     if config.model_dir is not None:
       bert = load_hf_bert(resolve_model_dir(config.model_dir), pooling=config.pooling,
-                          max_length=config.max_length)
+                          max_length=config.max_length, dtype=dtype)
       self.model, self.tokenizer = bert.model, bert.tokenizer
       self._pretrained = {"params": bert.params}
     else:
@@ -276,7 +278,7 @@ class PairsTask(base.Task):
           num_layers=enc.num_layers, num_heads=enc.num_heads,
           intermediate_size=enc.intermediate_size, max_position_embeddings=config.max_length,
           hidden_dropout=enc.dropout, attention_dropout=enc.dropout),
-          pooling=config.pooling or "mean")
+          pooling=config.pooling or "mean", dtype=dtype)
     served = config.export.max_seq_length
     if served is not None and served > self.model.config.max_position_embeddings:
       raise ValueError(f"config.export.max_seq_length={served} exceeds the model's "
