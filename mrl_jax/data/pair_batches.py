@@ -100,7 +100,7 @@ def _bucket(longest: int, buckets: Sequence[int]) -> int:
 
 def _pad(records, lengths: np.ndarray, columns: Sequence[int], length: int,
          pad_id: int) -> dict[str, np.ndarray]:
-  """Columns ``columns`` of ``records`` right-padded to ``length``: arrays ``[n, len(columns), T]``."""
+  """Columns ``columns`` of ``records`` right-padded to ``length``: arrays ``[n, m, T]``."""
   n, m = len(records), len(columns)
   mask = np.arange(length)[None, None, :] < lengths[:, columns, None]
   ids = np.full((n, m, length), pad_id, np.int32)
@@ -204,7 +204,7 @@ def local_batches(sources: Sequence[PreparedPairs], weights: Sequence[float] | N
                   batch_size: int, seed: int, buckets: Sequence[int], shared_length: bool = False,
                   batch_sampler: str = "default", process_index: int | None = None,
                   process_count: int | None = None) -> LocalBatches:
-  """:class:`LocalBatches` for this process (default ``jax.process_index()`` / ``process_count()``)."""
+  """:class:`LocalBatches` for this process (default: ``jax.process_index()``, ``_count()``)."""
   import jax  # not at module level: grain workers import this module, and need no jax
 
   index = jax.process_index() if process_index is None else process_index

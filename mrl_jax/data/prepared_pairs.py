@@ -151,7 +151,8 @@ def prepare_pairs(source: str, out_dir: str, tokenizer: TextTokenizer, *,
 
   Args:
     source: a JSONL, TSV or Parquet file of ``anchor``, ``positive`` and
-      optional ``negative`` / ``negative_1..k`` columns (:func:`~mrl_jax.data.text.read_text_pairs`).
+      optional ``negative`` / ``negative_1..k`` columns
+      (:func:`~mrl_jax.data.text.read_text_pairs`).
     out_dir: the folder to create or replace.
     tokenizer: the run's :class:`~mrl_jax.data.text.TextTokenizer`.
     rows_per_shard: rows per ArrayRecord file, ``>= 1``.
@@ -316,9 +317,9 @@ class PreparedPairs:
 
   def _check_rows(self, rows: Sequence[int]) -> list[int]:
     rows = [int(r) for r in rows]
-    if any(not 0 <= r < self.num_rows for r in rows):
-      raise ValueError(f"{self.directory}: rows {[r for r in rows if not 0 <= r < self.num_rows][:5]}"
-                       f" are outside 0..{self.num_rows - 1}")
+    bad = [r for r in rows if not 0 <= r < self.num_rows]
+    if bad:
+      raise ValueError(f"{self.directory}: rows {bad[:5]} are outside 0..{self.num_rows - 1}")
     return rows
 
   def row_info(self, rows: Sequence[int]) -> np.ndarray:

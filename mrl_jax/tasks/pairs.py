@@ -33,13 +33,14 @@ import ml_collections
 import numpy as np
 
 from mrl_jax import config_lib, export
+from mrl_jax.data import pair_batches, prepared_pairs
 from mrl_jax.data.text import (
     PairMixture,
     TextTokenizer,
     bucket_lengths,
+    iter_text_pairs,
     read_scored_pairs,
     read_text_pairs,
-    tokenize_pairs,
 )
 from mrl_jax.evaluate.text import evaluate_text
 from mrl_jax.losses import (
@@ -111,8 +112,18 @@ class PairsTask(base.Task):
   def validate(cls, config: ml_collections.ConfigDict) -> None:
     files = train_files(config)
     for path in files:
-      if not os.path.isfile(path):
-        raise ValueError(f"config.train_file: {path!r} is not a file")
+      if not (os.path.isfile(path) or prepared_pairs.is_prepared_dir(path)):
+        raise ValueError(f"config.train_file: {path!r} is neither a file nor a prepared folder "
+                         "(python -m mrl_jax.data.prepare_pairs)")
+    names = [os.path.basename(os.path.normpath(p)) for p in files]
+    if len(set(names)) != len(names):
+      raise ValueError(f"config.train_file: files {files} share a base name; each is prepared "
+                       "into config.prepared_dir/<base name>, so rename one")
+    config_lib.choice(config.get("batch_sampler", "default"), "batch_sampler",
+                      pair_batches.SAMPLERS)
+    workers = config.get("input_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+      raise ValueError(f"config.input_workers={workers!r} must be an int >= 0")
     for name in ("eval_file", "eval_pairs_file"):
       if config[name] is not None and not os.path.isfile(str(config[name])):
         raise ValueError(f"config.{name}={config[name]!r} is not a file")
@@ -171,7 +182,7 @@ class PairsTask(base.Task):
     super().__init__(config, workdir=workdir, mesh=mesh)
     self.dims = tuple(config.nesting.dims)
     self.weights = jnp.asarray(config.nesting.weights, jnp.float32)
-    self.sources = [read_text_pairs(path) for path in train_files(config)]
+    self.files = train_files(config)
     self._pretrained = None
     if config.model_dir is not None:
       bert = load_hf_bert(config.model_dir, pooling=config.pooling, max_length=config.max_length)
@@ -186,12 +197,13 @@ class PairsTask(base.Task):
           intermediate_size=enc.intermediate_size, max_position_embeddings=config.max_length,
           hidden_dropout=enc.dropout, attention_dropout=enc.dropout),
           pooling=config.pooling or "mean")
+    self.sources = [self._prepared(path) for path in self.files]
     for source in self.sources:
       if len(source) < config.batch_size:
         raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
                          f"{len(source)} training pairs in {source.path}")
     self.mixture = PairMixture(self.sources, config.train_weights,
-                               batch_size=config.batch_size, seed=config.seed)
+                               batch_size=config.batch_size, seed=config.seed)  # checks weights
     self.buckets = bucket_lengths(self.tokenizer.max_length)
     self.steps_per_epoch = sum(len(s) for s in self.sources) // config.batch_size
     self._loss = make_pair_loss(config, self.dims)
@@ -199,25 +211,62 @@ class PairsTask(base.Task):
     self._scored, self._eval_pairs = eval_data(config)
 
   def _run_tokenizer(self) -> TextTokenizer:
-    """The run's word vocabulary: read from ``workdir/assets`` if saved, else built and saved."""
+    """The run's word vocabulary: read from ``workdir/assets`` if saved, else built and saved.
+
+    Built from every text of the train files (streamed: memory of the vocabulary)
+    and eval files; when the train files are prepared folders, the first one's
+    tokenizer (the vocabulary its tokens use).
+    """
     path = os.path.join(self.workdir, TOKENIZER_ASSET)
     if os.path.isfile(path):
       return TextTokenizer.from_file(path, max_length=self.config.max_length)
-    texts = [t for source in self.sources for t in (*source.anchors, *source.positives,
-                                                    *(n for row in source.negatives or ()
-                                                      for n in row))]
-    if self.config.eval_file:
-      a, b, _ = read_scored_pairs(self.config.eval_file)
-      texts += a + b
-    if self.config.eval_pairs_file:
-      rows = read_text_pairs(self.config.eval_pairs_file)
-      texts += rows.anchors + rows.positives
-    tokenizer = word_tokenizer(texts, max_length=self.config.max_length)
+    if all(prepared_pairs.is_prepared_dir(f) for f in self.files):
+      tokenizer = TextTokenizer.from_file(
+          os.path.join(self.files[0], prepared_pairs.TOKENIZER_FILE),
+          max_length=self.config.max_length)
+    else:
+      tokenizer = word_tokenizer(self._vocabulary_texts(), max_length=self.config.max_length)
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       tokenizer.tokenizer.save(path + ".tmp")
       os.replace(path + ".tmp", path)
     return tokenizer
+
+  def _vocabulary_texts(self) -> Iterator[str]:
+    for f in self.files:
+      if not prepared_pairs.is_prepared_dir(f):
+        for _, _, anchor, positive, negatives in iter_text_pairs(f):
+          yield from (anchor, positive, *negatives)
+    if self.config.eval_file:
+      a, b, _ = read_scored_pairs(self.config.eval_file)
+      yield from a + b
+    if self.config.eval_pairs_file:
+      rows = read_text_pairs(self.config.eval_pairs_file)
+      yield from rows.anchors + rows.positives
+
+  def _prepared(self, path: str) -> prepared_pairs.PreparedPairs:
+    """``path`` tokenized into shards (:mod:`mrl_jax.data.prepared_pairs`), prepared if needed.
+
+    A prepared folder is used as it is (its tokenizer must be the run's). A file
+    is prepared into ``config.prepared_dir/<base name>`` (default
+    ``workdir/prepared``) unless that holds it already, with this tokenizer:
+    process 0 first, then the others, which find it done on a shared filesystem
+    (and prepare their own copy on local disks).
+    """
+    sha = prepared_pairs.tokenizer_sha256(self.tokenizer)
+    if prepared_pairs.is_prepared_dir(path):
+      return prepared_pairs.PreparedPairs(path, tokenizer_sha256=sha)
+    root = self.config.get("prepared_dir") or os.path.join(self.workdir, "prepared")
+    out = os.path.join(root, os.path.basename(os.path.normpath(path)))
+    if jax.process_index() == 0:
+      prepared_pairs.ensure_prepared(path, out, self.tokenizer)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"prepared {out}")
+      if jax.process_index() > 0:
+        prepared_pairs.ensure_prepared(path, out, self.tokenizer)
+    return prepared_pairs.PreparedPairs(out, tokenizer_sha256=sha)
 
   # --- model and loss ---------------------------------------------------------------
 
@@ -302,26 +351,27 @@ class PairsTask(base.Task):
   # --- data -------------------------------------------------------------------------
 
   def train_batches(self, start_step: int) -> Iterator[base.Batch]:
-    """Batch ``s`` is :meth:`PairMixture.batch` ``(s)``, each column padded to a bucket length.
+    """Batch ``s``: rows of :func:`~mrl_jax.data.pair_batches.global_rows` ``(s)``, padded.
 
-    The global batch is tokenised so that every process pads to the same lengths,
-    then this process keeps its rows. Nothing before ``start_step`` is read. The
-    2-D loss and the cached step run one forward over all texts: one length.
+    Each column is padded to the bucket of its longest text in the global batch
+    (every process pads alike) and this process reads only its rows, from the
+    prepared shards, in ``config.input_workers`` grain workers (0: threads).
+    Nothing before ``start_step`` is read. The 2-D loss and the cached step run
+    one forward over all texts: one length.
     """
     shared = self.config.loss == "2d" or self.config.mini_batch_size is not None
-    local = self.config.batch_size // jax.process_count()
-    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-    step = start_step
-    while True:
-      arrays = tokenize_pairs(self.tokenizer, self.mixture.batch(step), buckets=self.buckets,
-                              shared_length=shared)
-      yield jax.tree.map(lambda x: x[rows], arrays)
-      step += 1
+    batches = pair_batches.local_batches(
+        self.sources, self.config.train_weights, batch_size=self.config.batch_size,
+        seed=self.config.seed, buckets=self.buckets, shared_length=shared,
+        batch_sampler=self.config.get("batch_sampler", "default"))
+    return pair_batches.train_batches(batches, start_step=start_step,
+                                      worker_count=self.config.get("input_workers", 0))
 
   def data_position(self, step: int) -> dict[str, Any]:
     return {**super().data_position(step), "train_file": self.config.train_file,
             "train_weights": self.config.train_weights,
-            "num_pairs": [len(s) for s in self.sources]}
+            "num_pairs": [len(s) for s in self.sources],
+            "batch_sampler": self.config.get("batch_sampler", "default")}
 
   # --- evaluation and export -----------------------------------------------------------
 
