@@ -185,7 +185,9 @@ def prepare_pairs(source: str, out_dir: str, tokenizer: TextTokenizer, *,
       def flush():
         nonlocal writer, rows
         texts = [t for _, row in chunk for t in row]
-        encodings = tokenizer.encode(texts)
+        # Without character offsets (unused here) where tokenizers has it: ~20% faster.
+        encode = getattr(tokenizer.tokenizer, "encode_batch_fast", tokenizer.tokenizer.encode_batch)
+        encodings = encode(texts)
         c = len(columns)
         entries = np.zeros(len(chunk), row_dtype(c))
         for i, (_, row) in enumerate(chunk):
