@@ -90,8 +90,13 @@ def in_memory(path: str, tokenizer, batch_size: int, buckets):
     step += 1
 
 
-def peak_rss_of_training(prepared: str, workdir: str, steps: int, max_length: int) -> float:
-  """Peak RSS (MiB) of a child ``train.py`` run of ``steps`` steps on ``prepared``."""
+def peak_rss_of_training(prepared: str, workdir: str, steps: int, max_length: int,
+                         workers: int) -> float:
+  """Peak RSS (MiB) of a child ``train.py`` run of ``steps`` steps on ``prepared``.
+
+  ``ru_maxrss`` of RUSAGE_CHILDREN is the largest single descendant: the trainer
+  (with ``workers > 0`` the grain workers, which read the records, are separate).
+  """
   code = (
       "import resource, subprocess, sys\n"
       f"r = subprocess.run([sys.executable, {os.path.join(REPO, 'train.py')!r}, "
@@ -99,6 +104,7 @@ def peak_rss_of_training(prepared: str, workdir: str, steps: int, max_length: in
       f"'--config.train_file={prepared}', '--config.max_length={max_length}', "
       f"'--config.num_train_steps={steps}', '--config.batch_size=64', "
       "'--config.eval_every_steps=100000', '--config.checkpoint_every_steps=100000', "
+      f"'--config.input_workers={workers}', "
       "'--config.log_every_steps=10', '--config.warmup_steps=2'], capture_output=True, "
       "text=True)\n"
       "assert r.returncode == 0, r.stderr[-3000:]\n"
@@ -154,12 +160,13 @@ def main() -> None:
   base = rates["in-memory reader (before)"]
   rows.append(f"input throughput at B={args.batch_size}, <= {args.max_length} tokens:")
   rows += [f"  {name:34s} {r:10,.0f} pairs/s  ({r / base:.2f}x)" for name, r in rates.items()]
-  rss = {n: peak_rss_of_training(prepared[n], os.path.join(args.dir, f"run_{n}_{time.time():.0f}"),
-                                 args.train_steps, args.max_length)
-         for n in (args.pairs, args.small_pairs)}
-  rows.append(f"peak RSS of a {args.train_steps}-step train.py run: {args.pairs:,} pairs "
-              f"{rss[args.pairs]:.0f} MiB, {args.small_pairs:,} pairs {rss[args.small_pairs]:.0f}"
-              f" MiB ({rss[args.pairs] / rss[args.small_pairs]:.3f}x)")
+  for workers in (0, 1):
+    rss = {n: peak_rss_of_training(prepared[n], os.path.join(args.dir, f"run_{n}_{time.time()}"),
+                                   args.train_steps, args.max_length, workers)
+           for n in (args.pairs, args.small_pairs)}
+    rows.append(f"peak RSS of a {args.train_steps}-step train.py run, input_workers={workers}: "
+                f"{args.pairs:,} pairs {rss[args.pairs]:.0f} MiB, {args.small_pairs:,} pairs "
+                f"{rss[args.small_pairs]:.0f} MiB ({rss[args.pairs] / rss[args.small_pairs]:.3f}x)")
   rows.append(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
               f"this process' peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

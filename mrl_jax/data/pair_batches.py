@@ -28,6 +28,7 @@ the rows' texts (the tests check it).
 
 from __future__ import annotations
 
+import atexit
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -169,6 +170,30 @@ class LocalBatches:
     return out
 
 
+def init_worker(worker_index: int, worker_count: int) -> None:
+  """grain's ``worker_init_fn`` (Linux): bounded memory, and no orphan when the trainer dies.
+
+  * ``mallopt(M_ARENA_MAX, 2)``: the ArrayRecord reader's threads each get a glibc
+    malloc arena, and freed record buffers stay resident in them: measured on a
+    1M-row shard, resident memory grew towards the shard's size (+486 MiB after 60
+    batches of 1024 random reads); with few arenas it stays flat.
+  * ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: a worker whose trainer was killed
+    (``kill -9``, preemption) exits too instead of lingering.
+  """
+  del worker_index, worker_count
+  if not sys.platform.startswith("linux"):
+    return
+  import ctypes
+  import signal
+
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mallopt(-8, 2)  # M_ARENA_MAX
+    libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+  except (AttributeError, OSError):  # another C library: keep its defaults
+    pass
+
+
 def train_batches(batches: LocalBatches, *, start_step: int = 0, worker_count: int = 0,
                   prefetch: int = 2) -> Iterator[dict[str, Any]]:
   """``batches(s)`` for ``s = start_step, start_step + 1, ...`` (endless), built ahead.
@@ -196,7 +221,13 @@ def train_batches(batches: LocalBatches, *, start_step: int = 0, worker_count: i
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags' defaults (outside train.py)
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                     per_worker_buffer_size=prefetch))
+                                                     per_worker_buffer_size=prefetch),
+                        worker_init_fn=init_worker)
+    it = iter(it)
+    # Stop the workers before interpreter shutdown: grain's shared-memory buffers, freed
+    # later by the garbage collector, print tracebacks once their modules are gone.
+    atexit.register(it.close)
+    return it
   return iter(it)
 
 

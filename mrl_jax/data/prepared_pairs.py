@@ -314,7 +314,9 @@ class PreparedPairs:
 
       shards = [os.path.join(self.directory, s) for s in self.manifest["shards"]]
       fd = os.open(os.path.join(self.directory, self.manifest["row_table"]["file"]), os.O_RDONLY)
-      self._opened = (os.getpid(), grain.sources.ArrayRecordDataSource(shards), fd)
+      # One read thread per call: the callers (grain threads, workers) are the parallelism.
+      source = grain.sources.ArrayRecordDataSource(shards, reader_options={"max_parallelism": "1"})
+      self._opened = (os.getpid(), source, fd)
     return self._opened[1:]
 
   def _check_rows(self, rows: Sequence[int]) -> list[int]:
