@@ -38,6 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_file = os.path.join(EXAMPLES, "sts_eval.tsv")  # sentence1/sentence2/score
   config.eval_pairs_file = os.path.join(EXAMPLES, "eval_pairs.jsonl")  # retrieval; None: skip
   config.max_length = 32  # longest text in tokens; batches pad to a few bucket lengths up to it
+  # Train files are tokenized once into ArrayRecord shards in prepared_dir/<file name> (None:
+  # WORKDIR/prepared), again only when the file or tokenizer changes; a train_file may also
+  # be a folder prepared beforehand (python -m mrl_jax.data.prepare_pairs).
+  config.prepared_dir = placeholder(str)
+  config.input_workers = 0  # grain worker processes building batches (0: threads)
+  # "no_duplicates": no text twice in a global batch (sentence-transformers' sampler).
+  config.batch_sampler = "default"
 
   # Model: a local HF BERT folder, or None for a random BERT of the `encoder` shape
   # with a word-level vocabulary built from the data (saved in WORKDIR/assets).

@@ -3,7 +3,8 @@
 Sits below the models and the data readers (both need it, neither owns it):
 :class:`TextTokenizer` wraps a Hugging Face ``tokenizers.Tokenizer`` (truncation
 at ``max_length``, right padding with the pad token), and :func:`bucket_lengths`
-picks the few padded lengths a batch may take (one compiled shape each).
+picks the few padded lengths a batch may take (one compiled shape each);
+:func:`word_tokenizer` builds the word vocabulary of a randomly initialised encoder.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # word_tokenizer's, in id order
 
 
 def check_encodable(texts: Sequence[str], name: str = "texts") -> None:
@@ -144,3 +147,24 @@ def _check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
                      for b in out) or list(out) != sorted(set(out))):
     raise ValueError(f"buckets must be strictly increasing positive ints, got {buckets!r}")
   return tuple(int(b) for b in out)
+
+
+def word_tokenizer(texts: Sequence[str], *, max_length: int) -> TextTokenizer:
+  """A lower-casing BERT tokenizer whose vocabulary is every word of ``texts``.
+
+  For training a randomly initialised encoder offline: BERT's normaliser and
+  pre-tokenizer, a WordPiece model over ``[PAD] [UNK] [CLS] [SEP] [MASK]`` plus
+  the sorted distinct words (unknown words become ``[UNK]``), and ``[CLS] ...
+  [SEP]`` around every text.
+  """
+  from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+  from tokenizers.models import WordPiece
+
+  norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+  words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))})
+  vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *words))}
+  tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+  tok.normalizer, tok.pre_tokenizer = norm, pre
+  tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]),
+                                                 ("[CLS]", vocab["[CLS]"]))
+  return TextTokenizer(tok, max_length=max_length)

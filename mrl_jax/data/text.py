@@ -142,15 +142,19 @@ def _parquet_records(path: str, required: Sequence[str] = ()
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
   try:
-    table = pq.read_table(path)
+    parquet = pq.ParquetFile(path)
   except Exception as e:  # pyarrow's ArrowInvalid, OSError, ... on a corrupt file
     raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
-  missing = [c for c in required if c not in table.column_names]
+  names = parquet.schema_arrow.names
+  missing = [c for c in required if c not in names]
   if missing:
-    raise ValueError(f"{path}: no column {missing}; has {table.column_names}")
-  rows = table.to_pylist()
-  for i, record in enumerate(rows):
-    yield f"{path}: row {i}", record
+    raise ValueError(f"{path}: no column {missing}; has {names}")
+  # One record batch at a time: memory of a batch, not of the file.
+  i = 0
+  for batch in parquet.iter_batches(batch_size=4096):
+    for record in batch.to_pylist():
+      yield f"{path}: row {i}", record
+      i += 1
 
 
 def _text(where: str, record: dict[str, Any], column: str) -> str:
@@ -295,6 +299,23 @@ def read_text_pairs(path: str) -> TextPairs:
     ValueError: naming the file and line (see the module docstring), or an empty file.
   """
   anchors, positives, negatives = [], [], []
+  for _, _, anchor, positive, negs in iter_text_pairs(path):
+    anchors.append(anchor)
+    positives.append(positive)
+    negatives.append(negs)
+  return TextPairs(anchors, positives, negatives, path=path)
+
+
+def iter_text_pairs(path: str) -> Iterator[tuple[str, tuple[str, ...], str, str, list[str]]]:
+  """:func:`read_text_pairs` one record at a time (memory of one record, any file size).
+
+  Yields:
+    ``(where, negative_columns, anchor, positive, negatives)`` per record,
+    ``where`` being ``"path:line"`` (``"path: row i"`` for Parquet).
+
+  Raises:
+    As :func:`read_text_pairs`, when the bad record is reached.
+  """
   neg_cols: tuple[str, ...] | None = None
   first = ""
   for where, record in read_records(path, PAIR_COLUMNS):
@@ -308,16 +329,14 @@ def read_text_pairs(path: str) -> TextPairs:
       raise ValueError(f"{where}: inconsistent negatives: this record has {len(cols)} "
                        f"{list(cols)}, the first record ({first}) has {len(neg_cols)} "
                        f"{list(neg_cols)}")
-    anchors.append(_text(where, record, "anchor"))
-    positives.append(_text(where, record, "positive"))
-    negatives.append([_text(where, record, c) for c in neg_cols])
-    if positives[-1] in negatives[-1]:
-      column = neg_cols[negatives[-1].index(positives[-1])]
-      raise ValueError(f"{where}: column {column!r} is identical to 'positive' (a hard "
-                       "negative cannot be the positive)")
-  if not anchors:
+    anchor, positive = _text(where, record, "anchor"), _text(where, record, "positive")
+    negatives = [_text(where, record, c) for c in neg_cols]
+    if positive in negatives:
+      raise ValueError(f"{where}: column {neg_cols[negatives.index(positive)]!r} is identical "
+                       "to 'positive' (a hard negative cannot be the positive)")
+    yield where, neg_cols, anchor, positive, negatives
+  if neg_cols is None:
     raise ValueError(f"{path}: no records")
-  return TextPairs(anchors, positives, negatives, path=path)
 
 
 def read_scored_pairs(
@@ -414,7 +433,9 @@ class PairMixture:
   reads nothing before it.
 
   Args:
-    sources: one or more :class:`TextPairs`, each with ``>= batch_size`` rows.
+    sources: one or more :class:`TextPairs` (or any sized source with a ``path``,
+      such as :class:`mrl_jax.data.prepared_pairs.PreparedPairs`; :meth:`batch`
+      needs TextPairs), each with ``>= batch_size`` rows.
       Sources may differ in ``num_negatives`` (each batch has its source's ``k``).
     weights: one finite weight ``>= 0`` per source, not all 0; ``None``: the sizes.
     batch_size: ``B``, rows per GLOBAL batch (all processes together).
@@ -429,8 +450,10 @@ class PairMixture:
   def __init__(self, sources: Sequence[TextPairs], weights: Sequence[float] | None = None, *,
                batch_size: int, seed: int = 0, block_steps: int = 1000):
     sources = list(sources) if not isinstance(sources, TextPairs) else [sources]
-    if not sources or not all(isinstance(s, TextPairs) for s in sources):
-      raise ValueError(f"sources must be a non-empty sequence of TextPairs, got {sources!r}")
+    # Any sized source with a ``path`` (TextPairs, prepared shards): only sizes are used here.
+    if not sources or not all(hasattr(s, "__len__") and hasattr(s, "path") for s in sources):
+      raise ValueError(f"sources must be a non-empty sequence of TextPairs (or prepared "
+                       f"pairs), got {sources!r}")
     for name, value in (("batch_size", batch_size), ("seed", seed), ("block_steps", block_steps)):
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (
           0 if name == "seed" else 1):

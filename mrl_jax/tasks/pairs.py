@@ -36,11 +36,12 @@ from mrl_jax.bundle import artifact
 from mrl_jax.bundle.calibration import int8_ranges_per_dim, write_int8_ranges
 from mrl_jax.bundle.hf_folder import read_pooler, save_sentence_transformer
 from mrl_jax.bundle.model_card import front_matter_license, text_model_card
+from mrl_jax.data import pair_batches, prepared_pairs
 from mrl_jax.data.text import (
   PairMixture,
+  iter_text_pairs,
   read_scored_pairs,
   read_text_pairs,
-  tokenize_pairs,
 )
 from mrl_jax.data.text import (
   eval_data as eval_data_files,
@@ -58,37 +59,15 @@ from mrl_jax.losses import (
 from mrl_jax.models.text import POOLINGS, BertConfig, TextEncoder, load_hf_bert
 from mrl_jax.tasks import register
 from mrl_jax.tasks.specs import PairsSpec
-from mrl_jax.tokenizer import TextTokenizer, bucket_lengths
+from mrl_jax.tokenizer import TextTokenizer, bucket_lengths, word_tokenizer
 from mrl_jax.train import config as config_lib
 from mrl_jax.train import specs
 from mrl_jax.train import task as base
 
 LOSSES = ("fused", "matryoshka", "2d")
 RANDOM_EMBED_DIM = 32  # a random BERT's width when config.encoder.embed_dim is None
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_ASSET = os.path.join("assets", "tokenizer.json")
 _TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def word_tokenizer(texts: Sequence[str], *, max_length: int) -> TextTokenizer:
-  """A lower-casing BERT tokenizer whose vocabulary is every word of ``texts``.
-
-  For training a randomly initialised encoder offline: BERT's normaliser and
-  pre-tokenizer, a WordPiece model over ``[PAD] [UNK] [CLS] [SEP] [MASK]`` plus
-  the sorted distinct words (unknown words become ``[UNK]``), and ``[CLS] ...
-  [SEP]`` around every text.
-  """
-  from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-  from tokenizers.models import WordPiece
-
-  norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-  words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))})
-  vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *words))}
-  tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
-  tok.normalizer, tok.pre_tokenizer = norm, pre
-  tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]),
-                                                 ("[CLS]", vocab["[CLS]"]))
-  return TextTokenizer(tok, max_length=max_length)
 
 
 def _hidden_size_of(model_dir: str) -> int:
@@ -194,8 +173,19 @@ class PairsTask(base.Task):
   def validate(cls, config: ml_collections.ConfigDict) -> None:
     files = train_files(config.train_file)
     for path in files:
-      if not os.path.isfile(path):
-        raise ValueError(f"config.train_file: {path!r} is not a file")
+      if not (os.path.isfile(path) or prepared_pairs.is_prepared_dir(path)):
+        raise ValueError(f"config.train_file: {path!r} is neither a file nor a prepared folder "
+                         "(python -m mrl_jax.data.prepare_pairs)")
+    names = [os.path.basename(os.path.normpath(p)) for p in files]
+    if len(set(names)) != len(names):
+      raise ValueError(f"config.train_file: files {files} share a base name; each is prepared "
+                       "into config.prepared_dir/<base name>, so rename one")
+    # .get: configs saved before these fields existed resume with the defaults.
+    config_lib.choice(config.get("batch_sampler", "default"), "batch_sampler",
+                      pair_batches.SAMPLERS)
+    workers = config.get("input_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+      raise ValueError(f"config.input_workers={workers!r} must be an int >= 0")
     for name in ("eval_file", "eval_pairs_file"):
       # `--config.eval_file=None` on the command line arrives as the string "None": off.
       if isinstance(config[name], str) and config[name].strip() in ("", "None", "none"):
@@ -261,7 +251,7 @@ class PairsTask(base.Task):
     super().__init__(config, workdir=workdir, mesh=mesh)
     self.dims = tuple(config.nesting.dims)
     self.weights = jnp.asarray(config.nesting.weights, jnp.float32)
-    self.sources = [read_text_pairs(path) for path in train_files(config.train_file)]
+    self.files = train_files(config.train_file)
     self._pretrained = None
     # bf16 compute, float32 params: the pooled embeddings (and so the loss) stay float32.
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
@@ -284,6 +274,7 @@ class PairsTask(base.Task):
       raise ValueError(f"config.export.max_seq_length={served} exceeds the model's "
                        f"max_position_embeddings={self.model.config.max_position_embeddings} "
                        "(its position table bounds the served length)")
+    self.sources = [self._prepared(path) for path in self.files]
     for source in self.sources:
       if len(source) < config.batch_size:
         raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
@@ -297,7 +288,12 @@ class PairsTask(base.Task):
     self._scored, self._eval_pairs = eval_data(config)
 
   def _run_tokenizer(self) -> TextTokenizer:
-    """The run's word vocabulary: read from ``workdir/assets`` if saved, else built and saved."""
+    """The run's word vocabulary: read from ``workdir/assets`` if saved, else built and saved.
+
+    Built from every text of the train files (streamed: memory of the vocabulary)
+    and eval files; when the train files are prepared folders, the first one's
+    tokenizer (the vocabulary its tokens use).
+    """
     path = os.path.join(self.workdir, TOKENIZER_ASSET)
     if os.path.isfile(path):
       try:
@@ -312,21 +308,53 @@ class PairsTask(base.Task):
       raise ValueError(f"{path} is missing, but {checkpoints} holds steps trained with it: a "
                        "rebuilt vocabulary would give words other ids; restore the file from a "
                        "copy, or start a new workdir")
-    texts = [t for source in self.sources for t in (*source.anchors, *source.positives,
-                                                    *(n for row in source.negatives or ()
-                                                      for n in row))]
-    if self.config.eval_file:
-      a, b, _ = read_scored_pairs(self.config.eval_file)
-      texts += a + b
-    if self.config.eval_pairs_file:
-      rows = read_text_pairs(self.config.eval_pairs_file)
-      texts += rows.anchors + rows.positives
-    tokenizer = word_tokenizer(texts, max_length=self.config.max_length)
+    if all(prepared_pairs.is_prepared_dir(f) for f in self.files):
+      tokenizer = TextTokenizer.from_file(
+          os.path.join(self.files[0], prepared_pairs.TOKENIZER_FILE),
+          max_length=self.config.max_length)
+    else:
+      tokenizer = word_tokenizer(self._vocabulary_texts(), max_length=self.config.max_length)
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       tokenizer.tokenizer.save(path + ".tmp")
       os.replace(path + ".tmp", path)
     return tokenizer
+
+  def _vocabulary_texts(self) -> Iterator[str]:
+    for f in self.files:
+      if not prepared_pairs.is_prepared_dir(f):
+        for _, _, anchor, positive, negatives in iter_text_pairs(f):
+          yield from (anchor, positive, *negatives)
+    if self.config.eval_file:
+      a, b, _ = read_scored_pairs(self.config.eval_file)
+      yield from a + b
+    if self.config.eval_pairs_file:
+      rows = read_text_pairs(self.config.eval_pairs_file)
+      yield from rows.anchors + rows.positives
+
+  def _prepared(self, path: str) -> prepared_pairs.PreparedPairs:
+    """``path`` tokenized into shards (:mod:`mrl_jax.data.prepared_pairs`), prepared if needed.
+
+    A prepared folder is used as it is (its tokenizer must be the run's). A file
+    is prepared into ``config.prepared_dir/<base name>`` (default
+    ``workdir/prepared``) unless that holds it already, with this tokenizer:
+    process 0 first, then the others, which find it done on a shared filesystem
+    (and prepare their own copy on local disks).
+    """
+    sha = prepared_pairs.tokenizer_sha256(self.tokenizer)
+    if prepared_pairs.is_prepared_dir(path):
+      return prepared_pairs.PreparedPairs(path, tokenizer_sha256=sha)
+    root = self.config.prepared_dir or os.path.join(self.workdir, "prepared")
+    out = os.path.join(root, os.path.basename(os.path.normpath(path)))
+    if jax.process_index() == 0:
+      prepared_pairs.ensure_prepared(path, out, self.tokenizer)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"prepared {out}")
+      if jax.process_index() > 0:
+        prepared_pairs.ensure_prepared(path, out, self.tokenizer)
+    return prepared_pairs.PreparedPairs(out, tokenizer_sha256=sha)
 
   # --- model and loss ---------------------------------------------------------------
 
@@ -411,26 +439,27 @@ class PairsTask(base.Task):
   # --- data -------------------------------------------------------------------------
 
   def train_batches(self, start_step: int) -> Iterator[base.Batch]:
-    """Batch ``s`` is :meth:`PairMixture.batch` ``(s)``, each column padded to a bucket length.
+    """Batch ``s``: rows of :func:`~mrl_jax.data.pair_batches.global_rows` ``(s)``, padded.
 
-    The global batch is tokenised so that every process pads to the same lengths,
-    then this process keeps its rows. Nothing before ``start_step`` is read. The
-    2-D loss and the cached step run one forward over all texts: one length.
+    Each column is padded to the bucket of its longest text in the global batch
+    (every process pads alike) and this process reads only its rows, from the
+    prepared shards, in ``config.input_workers`` grain workers (0: threads).
+    Nothing before ``start_step`` is read. The 2-D loss and the cached step run
+    one forward over all texts: one length.
     """
     shared = self.config.loss == "2d" or self.config.mini_batch_size is not None
-    local = self.config.batch_size // jax.process_count()
-    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-    step = start_step
-    while True:
-      arrays = tokenize_pairs(self.tokenizer, self.mixture.batch(step), buckets=self.buckets,
-                              shared_length=shared)
-      yield jax.tree.map(lambda x: x[rows], arrays)
-      step += 1
+    batches = pair_batches.local_batches(
+        self.sources, self.config.train_weights, batch_size=self.config.batch_size,
+        seed=self.config.seed, buckets=self.buckets, shared_length=shared,
+        batch_sampler=self.config.batch_sampler)
+    return pair_batches.train_batches(batches, start_step=start_step,
+                                      worker_count=self.config.input_workers)
 
   def data_position(self, step: int) -> dict[str, Any]:
     return {**super().data_position(step), "train_file": self.config.train_file,
             "train_weights": self.config.train_weights,
-            "num_pairs": [len(s) for s in self.sources]}
+            "num_pairs": [len(s) for s in self.sources],
+            "batch_sampler": self.config.batch_sampler}
 
   # --- evaluation and export -----------------------------------------------------------
 
@@ -503,11 +532,24 @@ class PairsTask(base.Task):
                "int8_calibration_texts": len(calibration)})
 
   def _calibration_texts(self, n: int) -> list[str]:
-    """Up to ``n`` training texts, anchors and positives alternating, for int8 calibration."""
-    texts = []
+    """Up to ``n`` training texts, anchors and positives alternating, for int8 calibration.
+
+    Streamed from the train files (a prepared folder's source file while it exists;
+    else its first rows' tokens decoded back to text).
+    """
+    texts: list[str] = []
     for source in self.sources:
-      for a, p in zip(source.anchors, source.positives, strict=True):
-        texts += [a, p]
+      if len(texts) >= n:
+        break
+      if os.path.isfile(source.path):
+        for _, _, anchor, positive, _ in iter_text_pairs(source.path):
+          texts += [anchor, positive]
+          if len(texts) >= n:
+            break
+      else:
+        rows = range(min(len(source), (n - len(texts) + 1) // 2))
+        for ids, _ in source.records(rows):
+          texts += [self.tokenizer.tokenizer.decode(ids[c].tolist()) for c in (0, 1)]
     return texts[:n]
 
   def _base_model_name(self) -> str | None:

@@ -187,6 +187,11 @@ class PairsSpec(TaskSpec):
     eval_file: STS file (sentence1, sentence2, score); None: skip.
     eval_pairs_file: retrieval pairs; None: skip.
     max_length: longest text, tokens.
+    prepared_dir: where train files are tokenized into ArrayRecord shards, one folder
+      per file's base name (None: ``workdir/prepared``).
+    input_workers: grain worker processes building batches (0: threads), >= 0.
+    batch_sampler: ``"default"`` or ``"no_duplicates"`` (no text twice in a global
+      batch: sentence-transformers' ``NoDuplicatesBatchSampler``).
     model_dir: a local Hugging Face BERT folder to start from (None: random init).
     pooling: ``"mean"`` or ``"cls"`` (None: the checkpoint's, else mean).
     encoder: the BERT shape (random init) and ``embed_dim``.
@@ -207,6 +212,9 @@ class PairsSpec(TaskSpec):
   eval_file: str | None = None
   eval_pairs_file: str | None = None
   max_length: int = 32
+  prepared_dir: str | None = None
+  input_workers: int = 0
+  batch_sampler: Literal["default", "no_duplicates"] = "default"
   model_dir: str | None = None
   pooling: Literal["mean", "cls"] | None = None
   encoder: TextEncoderSpec = TextEncoderSpec()

@@ -256,6 +256,7 @@ def test_train_py_runs_the_adaptor_end_to_end(files, tmp_path):
 def test_a_text_encoder_and_the_adaptor_compose_into_one_bundle(tmp_path):
   from testutil import tiny_text_config
 
+  from mrl_jax.data.text import read_text_pairs
   from mrl_jax.tasks.pairs import PairsTask
 
   text_task = PairsTask(experiments.task_spec(tiny_text_config()),
@@ -263,7 +264,8 @@ def test_a_text_encoder_and_the_adaptor_compose_into_one_bundle(tmp_path):
   text_dir = str(tmp_path / "text")
   os.makedirs(text_dir)
   text_task.export(text_task.init_variables(jax.random.PRNGKey(0)), text_dir, step=0)
-  texts = sorted({t for s in text_task.sources for t in (*s.anchors, *s.positives)})
+  rows = read_text_pairs(text_task.config.train_file)
+  texts = sorted({*rows.anchors, *rows.positives})
   raw = Encoder.load(text_dir).embed(texts)  # [N, 32], full size, unit norm
   config = _config(_write(tmp_path, "texts", raw), text_encoder=text_dir, batch_size=32,
                    eval_k=5, num_train_steps=10, eval_every_steps=10,
