@@ -1,7 +1,8 @@
 """Every code block of the README and the docs runs as printed, or says what it needs.
 
-Blocks are read from ``README.md``, ``docs/**/*.md`` and ``benchmarks/README.md``
-(included in the docs' results page):
+Blocks are read from ``README.md`` (and its draft ``notes/README.new.md`` while there
+is one), ``docs/**/*.md`` and ``benchmarks/README.md`` (included in the docs' results
+page):
 
 * ```` ```python ```` blocks run as pasted, each in its own namespace;
 * ```` ```bash ```` / ```` ```sh ```` blocks run as printed under ``bash -e``;
@@ -26,7 +27,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, override
 
 from mrl_jax import experiments
 from mrl_jax.train.config import load_config_file
@@ -39,7 +40,8 @@ LINKED = ("configs", "train.py", "examples", "benchmarks")
 
 def doc_pages() -> list[str]:
   """Repository-relative paths of every page whose blocks are checked."""
-  pages = ["README.md", "benchmarks/README.md"]
+  # notes/README.new.md: the short README's draft, checked until it replaces README.md.
+  pages = ["README.md", "notes/README.new.md", "benchmarks/README.md"]
   pages += sorted(os.path.relpath(p, REPO)
                   for p in glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True))
   return [p for p in pages if os.path.exists(os.path.join(REPO, p))]
@@ -158,9 +160,9 @@ def test_mkdocs_builds_with_no_warning(tmp_path):
 def demo_workdir(digits_dir, tmp_path_factory):
   """``workdir/demo/mrl/encoder``: the digits config (64 dims), 20 steps."""
   root = tmp_path_factory.mktemp("docs_demo")
-  config = load_config_file(os.path.join(REPO, "configs", "digits_mlp.py"),
-                            data_dir=digits_dir, num_train_steps=20, log_every_steps=20,
-                            eval_every_steps=20, checkpoint_every_steps=20)
+  config = override(load_config_file(os.path.join(REPO, "configs", "digits_mlp.py")),
+                    dict(data_dir=digits_dir, num_train_steps=20, log_every_steps=20,
+                         eval_every_steps=20, checkpoint_every_steps=20))
   config.encoder.hidden = (32,)
   experiments.train_and_evaluate(config, str(root / "mrl"), progress=False)
   return root
