@@ -6,7 +6,7 @@ WORKDIR ?= workdir/demo
 export TF_CPP_MIN_LOG_LEVEL := 2
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check mrl_jax tests configs benchmarks train.py
 
+# The documentation site under site/, warnings as errors (docs extra installed first).
+docs: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/heads.py
 
 clean:
-	rm -rf $(VENV) workdir
+	rm -rf $(VENV) workdir site

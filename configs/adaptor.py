@@ -1,6 +1,12 @@
 """Matryoshka-Adaptor: nested dimensions for the stored embeddings of any frozen model.
 
 ``python train.py --config=configs/adaptor.py --config.embeddings_file=X.npy --workdir=DIR``
+(1,000 steps) prints, per nested dim, neighbour recall@10 of the held-out rows for raw
+truncation, PCA and the adaptor: expect the adaptor far above truncation and near PCA
+(on all-MiniLM-L6-v2 code embeddings: 0.247 vs 0.125 truncated and 0.259 PCA at 8
+dims; ``benchmarks/adaptor_minilm.py``).
+
+``python train.py --config=configs/adaptor.py --config.embeddings_file=X.npy --workdir=DIR``
 trains ``f(e) = e + g(e)`` (Yoon et al. 2024, arXiv:2407.20243) on the float32
 ``[N, D]`` embeddings in ``X.npy`` so that every prefix ``f(e)[:, :m]`` (truncated,
 then L2-normalised) keeps the neighbourhoods of the full ``e``. With

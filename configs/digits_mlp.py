@@ -1,5 +1,11 @@
 """Base image config: an MRL MLP on scikit-learn's digits (offline, real, 8x8 images).
 
+``python train.py --config=configs/digits_mlp.py --workdir=DIR`` (2,000 steps, about
+15-30 s on 2 CPU cores) prints ``final eval top-1 per dim``: expect about 0.70 at 1 dim,
+0.96 at 2 and 0.98-0.99 from 4 to 64 dims on the 359 test images (the MRL row of
+``make demo``; ``--config.head=mrl_e`` and ``--config.head=ff --config.ff_dim=k`` give
+the other rows).
+
 The demo and the tests start from this file; other image configs import it and
 change a few fields. The shared fields (nesting, optimiser, batch, mesh,
 checkpoints) come from ``mrl_jax.train.config.base_config``; every field can be

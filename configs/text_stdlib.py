@@ -1,5 +1,10 @@
 """all-MiniLM-L6-v2 fine-tuned with the nested loss on real offline text: stdlib code search.
 
+``python train.py --config=configs/text_stdlib.py --workdir=DIR`` (30 steps, a few
+minutes on 2 CPU cores) prints recall@10 and MRR@10 per nested dim of 500 held-out
+(summary -> source) pairs: expect recall@10 about 39% at 8 dims and 88% at 384 (the
+``fine-tuned with MRL`` row of ``make demo``).
+
 The text part of ``make demo`` (:func:`mrl_jax.demo.run_text_demo`). Queries are
 the first paragraph of the docstrings of the Python standard library's
 functions, documents their source with the docstring cut out

@@ -500,8 +500,8 @@ def matryoshka_2d(
     base_loss: an embedding loss on one layer's, full-size arguments.
     dims, weights, n_dims_per_step, normalize, embedding_args: as in :func:`matryoshka`
       (``-1`` or ``None``: every size).
-    n_layers_per_step, last_layer_weight, prior_layers_weight, kl_div_weight,
-    kl_temperature, layer_weighting, layer_args: as in :func:`adaptive_layer`.
+    n_layers_per_step, last_layer_weight, prior_layers_weight: as in :func:`adaptive_layer`.
+    kl_div_weight, kl_temperature, layer_weighting, layer_args: as in :func:`adaptive_layer`.
 
   Returns:
     ``loss(*args, rng, **kwargs) -> float32 scalar`` over ``[L, ...]`` embeddings.
