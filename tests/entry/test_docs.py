@@ -1,7 +1,6 @@
 """Every code block of the README and the docs runs as printed, or says what it needs.
 
-Blocks are read from ``README.md`` (and its draft ``notes/README.new.md`` while there
-is one), ``docs/**/*.md`` and ``benchmarks/README.md`` (included in the docs' results
+Blocks are read from ``README.md``, ``docs/**/*.md`` and ``benchmarks/README.md`` (included in the docs' results
 page):
 
 * ```` ```python ```` blocks run as pasted, each in its own namespace;
@@ -40,8 +39,7 @@ LINKED = ("configs", "train.py", "examples", "benchmarks")
 
 def doc_pages() -> list[str]:
   """Repository-relative paths of every page whose blocks are checked."""
-  # notes/README.new.md: the short README's draft, checked until it replaces README.md.
-  pages = ["README.md", "notes/README.new.md", "benchmarks/README.md"]
+  pages = ["README.md", "benchmarks/README.md"]
   pages += sorted(os.path.relpath(p, REPO)
                   for p in glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True))
   return [p for p in pages if os.path.exists(os.path.join(REPO, p))]
@@ -77,6 +75,14 @@ def test_the_readme_cites_nothing_outside_the_repository():
     out = subprocess.run(["git", "grep", "-l", "DESIGN.md", "--", path], cwd=REPO,
                          capture_output=True, text=True)
     assert not out.stdout.strip(), out.stdout
+
+
+def test_the_readme_is_a_short_front_page():
+  text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+  assert len(text.splitlines()) <= 150
+  for heading in ("## Two commands", "## Install", "## Train an image model",
+                  "## Fine-tune a text model and search with it", "## Results"):
+    assert heading in text, heading
 
 
 def test_every_block_runs_or_says_what_it_needs():
