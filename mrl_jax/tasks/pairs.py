@@ -46,7 +46,7 @@ from mrl_jax.data.text import (
 from mrl_jax.data.text import (
   eval_data as eval_data_files,
 )
-from mrl_jax.evaluate.text import evaluate_text, retrieval_metric_names
+from mrl_jax.evaluate.text import code_metric_names, evaluate_text, retrieval_metric_names
 from mrl_jax.losses import binary as binary_losses
 from mrl_jax.losses import (
   binary_relaxed_in_batch_softmax,
@@ -493,7 +493,7 @@ class PairsTask(base.Task):
     if self.config.eval_file:
       names.append("spearman")
     if self.config.eval_pairs_file:
-      names += retrieval_metric_names()
+      names += retrieval_metric_names() + code_metric_names()
     return [f"{n}/dim_{m}" for n in names for m in self.dims]
 
   def checkpoint_metadata(self) -> dict[str, Any]:
