@@ -11,6 +11,10 @@ nested size is a slice of the same pooled embedding ``[B, D]``. Losses
 * ``"matryoshka"``: the generic :func:`~mrl_jax.losses.matryoshka` wrapper;
 * ``"2d"``: :func:`~mrl_jax.losses.matryoshka_2d` over dims and layers.
 
+Optional binary-aware terms (``config.spread_out_weight``, ``config.binary_weight``;
+:mod:`mrl_jax.losses.binary`, off by default) are added per nested dim to the fused and
+matryoshka losses (:func:`binary_aware_terms`).
+
 The encoder is a local Hugging Face BERT (``config.model_dir``, e.g.
 all-MiniLM-L6-v2) or a random one with a word-level vocabulary built from the
 data; that vocabulary is saved in ``workdir/assets/`` on the first run and
