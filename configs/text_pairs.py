@@ -68,6 +68,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss = "fused"  # "fused" | "matryoshka" (unfused wrapper) | "2d" (dims x layers)
   config.symmetric = False  # also positive -> anchor (MultipleNegativesSymmetricRankingLoss)
   config.n_layers_per_step = 1  # "2d" only
+  # Binary-aware terms (mrl_jax.losses.binary), added per nested dim with the nesting weights;
+  # off at 0. spread_out_weight: Zhang et al.'s global orthogonal regularizer; binary_weight:
+  # the in-batch softmax on relaxed sign codes, "tanh" (tanh(u / binary_temperature)) or
+  # "ste" (sign, straight-through). "fused" / "matryoshka" losses only.
+  config.spread_out_weight = 0.0
+  config.binary_weight = 0.0
+  config.binary_estimator = "tanh"
+  config.binary_temperature = 1.0
 
   # Optimisation.
   config.optim.learning_rate = 1e-3

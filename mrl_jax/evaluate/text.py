@@ -1,6 +1,7 @@
 """Text-embedding metrics per nested dim: pair retrieval (sentence-transformers'
-``InformationRetrievalEvaluator`` metrics: accuracy/recall@k, MRR@10, nDCG@10) and STS
-Spearman, and their per-dim plot.
+``InformationRetrievalEvaluator`` metrics: accuracy/recall@k, MRR@10, nDCG@10), the same
+retrieval over ``ubinary`` / ``int8_symmetric`` codes of each prefix (recall@10, nDCG@10),
+STS Spearman, and their per-dim plot.
 
 Both evaluators see only an ``embed(texts) -> [N, D]`` function (big_vision's
 evaluator pattern), so they serve a training run and an exported
@@ -13,7 +14,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from mrl_jax.core import ops
 from mrl_jax.core.nesting import Nesting
+from mrl_jax.evaluate import codes as codes_lib
 from mrl_jax.evaluate import metrics, sts
 
 Embed = Callable[[Sequence[str]], np.ndarray]
@@ -30,6 +33,16 @@ def retrieval_metric_names(score: str = "cosine") -> list[str]:
   """``["cosine_accuracy@1", ..., "cosine_ndcg@10"]``: the keys (less ``_per_dim``) of
   :func:`pair_retrieval_per_dim`."""
   return [f"{score}_{name}" for name in RETRIEVAL_METRICS]
+
+
+# The metrics reported over codes (the goals of binary-aware Matryoshka are stated in them).
+CODE_METRICS = ("recall@10", "ndcg@10")
+
+
+def code_metric_names(kinds: Sequence[str] = codes_lib.CODE_KINDS) -> list[str]:
+  """``["ubinary_recall@10", ...]``: the keys (less ``_per_dim``) of
+  :func:`code_retrieval_per_dim`."""
+  return [f"{kind}_{name}" for kind in kinds for name in CODE_METRICS]
 
 
 def _rank_metrics(rank: np.ndarray, score: str) -> dict[str, float]:
@@ -78,12 +91,7 @@ def pair_retrieval_per_dim(anchors: np.ndarray, positives: np.ndarray,
   Raises:
     ValueError: shapes differ, are not 2-D, or hold NaN/inf.
   """
-  anchors, positives = np.asarray(anchors, np.float64), np.asarray(positives, np.float64)
-  if anchors.ndim != 2 or anchors.shape != positives.shape or not len(anchors):
-    raise ValueError(f"anchors and positives must both be [N, D] with N >= 1, got "
-                     f"{anchors.shape} and {positives.shape}")
-  if not (np.isfinite(anchors).all() and np.isfinite(positives).all()):
-    raise ValueError("anchors/positives hold NaN or inf embeddings")
+  anchors, positives = _check_pairs(anchors, positives)
   dims = Nesting(tuple(dims), embed_dim=anchors.shape[1]).dims
   per_dim: dict[str, list[float]] = {name: [] for name in retrieval_metric_names(score)}
   # float64: float32 rows of any finite scale square safely; the floor only keeps zero
@@ -95,6 +103,73 @@ def pair_retrieval_per_dim(anchors: np.ndarray, positives: np.ndarray,
     beaten = (sims >= own) & ~np.eye(len(sims), dtype=bool)
     for name, value in _rank_metrics(1 + beaten.sum(axis=1), score).items():
       per_dim[name].append(value)
+  return {f"{name}_per_dim": np.asarray(v) for name, v in per_dim.items()}
+
+
+def _check_pairs(anchors, positives) -> tuple[np.ndarray, np.ndarray]:
+  anchors, positives = np.asarray(anchors, np.float64), np.asarray(positives, np.float64)
+  if anchors.ndim != 2 or anchors.shape != positives.shape or not len(anchors):
+    raise ValueError(f"anchors and positives must both be [N, D] with N >= 1, got "
+                     f"{anchors.shape} and {positives.shape}")
+  if not (np.isfinite(anchors).all() and np.isfinite(positives).all()):
+    raise ValueError("anchors/positives hold NaN or inf embeddings")
+  return anchors, positives
+
+
+def _code_scores(anchors, positives, m: int, kind: str) -> np.ndarray:
+  """``[N, N]`` int64 similarity of the ``kind`` codes of the ``m``-prefixes (larger: closer).
+
+  ``ubinary``: the +-1 inner product ``m - 2 * hamming``; ``int8_symmetric``: the
+  integer dot product (the scores of :func:`~mrl_jax.evaluate.codes.hamming_search` /
+  :func:`~mrl_jax.evaluate.codes.int8_search`).
+  """
+  code = lambda x: np.asarray(codes_lib.quantize_embeddings(
+      ops.truncate_normalize(np.asarray(x, np.float32), m), kind))
+  qa, qp = code(anchors), code(positives)
+  if kind == "ubinary":
+    sign = lambda c: 2 * np.unpackbits(c, axis=-1)[:, :m].astype(np.int64) - 1
+    return sign(qa) @ sign(qp).T
+  return qa.astype(np.int64) @ qp.astype(np.int64).T
+
+
+def code_retrieval_per_dim(anchors: np.ndarray, positives: np.ndarray, dims: Sequence[int],
+                           *, kinds: Sequence[str] = codes_lib.CODE_KINDS
+                           ) -> dict[str, np.ndarray]:
+  """:func:`pair_retrieval_per_dim` over the codes of each nested prefix: recall@10, nDCG@10.
+
+  For size ``m`` both sides are truncated to ``[:, :m]``, L2-normalised
+  (:func:`mrl_jax.core.ops.truncate_normalize`) and quantised by
+  :func:`mrl_jax.evaluate.codes.quantize_embeddings` (sentence-transformers'
+  ``ubinary`` sign bits, or mrl_jax's fixed-range ``int8_symmetric``); anchor ``i``
+  ranks all ``N`` positives' codes by the code similarity (``m - 2 * hamming``, or the
+  int8 dot product). Ranks count ties against the match, as for floats: at small
+  ``m`` a Hamming distance takes only ``m + 1`` values, and a tie is not a hit.
+
+  Args:
+    anchors: ``[N, D]``; positives: ``[N, D]``, ``positives[i]`` the match of ``anchors[i]``.
+    dims: nested sizes ``<= D``.
+    kinds: code kinds, each in :data:`mrl_jax.evaluate.codes.CODE_KINDS`.
+
+  Returns:
+    ``{f"{kind}_{metric}_per_dim": [M] float64}`` for ``metric`` in
+    :data:`CODE_METRICS`. Uses ``O(N^2)`` memory per size.
+
+  Raises:
+    ValueError: shapes differ, are not 2-D, hold NaN/inf, or an unknown kind.
+  """
+  anchors, positives = _check_pairs(anchors, positives)
+  dims = Nesting(tuple(dims), embed_dim=anchors.shape[1]).dims
+  for kind in kinds:
+    codes_lib.check_kind(kind)
+  per_dim: dict[str, list[float]] = {name: [] for name in code_metric_names(kinds)}
+  for kind in kinds:
+    for m in dims:
+      sims = _code_scores(anchors, positives, m, kind)
+      own = np.diagonal(sims)[:, None]
+      beaten = (sims >= own) & ~np.eye(len(sims), dtype=bool)
+      values = _rank_metrics(1 + beaten.sum(axis=1), kind)
+      for name in CODE_METRICS:
+        per_dim[f"{kind}_{name}"].append(values[f"{kind}_{name}"])
   return {f"{name}_per_dim": np.asarray(v) for name, v in per_dim.items()}
 
 
@@ -114,6 +189,7 @@ def plot_text_metrics(results: dict[str, np.ndarray], dims: Sequence[int], path:
 def evaluate_text(embed: Embed, dims: Sequence[int], *,
                   scored: tuple[Sequence[str], Sequence[str], np.ndarray] | None = None,
                   pairs: tuple[Sequence[str], Sequence[str]] | None = None,
+                  codes: Sequence[str] = codes_lib.CODE_KINDS,
                   ) -> dict[str, np.ndarray]:
   """Spearman of cosine vs gold scores and pair retrieval, per nested size.
 
@@ -122,10 +198,12 @@ def evaluate_text(embed: Embed, dims: Sequence[int], *,
       renormalisation per dim happen here.
     scored: ``(texts_a, texts_b, gold_scores [N])`` for Spearman.
     pairs: ``(anchors, positives)`` for :func:`pair_retrieval_per_dim`.
+    codes: code kinds for :func:`code_retrieval_per_dim` on ``pairs`` (``()``: none).
 
   Returns:
     ``spearman_per_dim`` ``[M]`` when ``scored`` is given, and the
-    :func:`pair_retrieval_per_dim` entries when ``pairs`` is given.
+    :func:`pair_retrieval_per_dim` and :func:`code_retrieval_per_dim` entries when
+    ``pairs`` is given.
   """
   out: dict[str, np.ndarray] = {}
   if scored is not None:
@@ -133,5 +211,8 @@ def evaluate_text(embed: Embed, dims: Sequence[int], *,
     rho = sts.spearman_per_dim(embed(texts_a), embed(texts_b), scores, dims)
     out["spearman_per_dim"] = np.asarray([rho[m] for m in dims])
   if pairs is not None:
-    out.update(pair_retrieval_per_dim(embed(pairs[0]), embed(pairs[1]), dims))
+    anchors, positives = embed(pairs[0]), embed(pairs[1])
+    out.update(pair_retrieval_per_dim(anchors, positives, dims))
+    if codes:
+      out.update(code_retrieval_per_dim(anchors, positives, dims, kinds=codes))
   return out

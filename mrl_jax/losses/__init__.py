@@ -12,10 +12,13 @@ Modules:
   loss and its 2-D (layers x sizes) version.
 * :mod:`~mrl_jax.losses.fused`: the fused nested in-batch softmax (one blocked
   matmul and a hand-written backward for every size).
+* :mod:`~mrl_jax.losses.binary`: binary-aware terms per nested dim (the spread-out
+  regularizer, the in-batch softmax on relaxed sign codes).
 * :mod:`~mrl_jax.losses.cached`: GradCache, the full-batch gradient of a
   batch-wide loss with one mini-batch's memory.
 """
 
+from mrl_jax.losses.binary import binary_relaxed_in_batch_softmax, spread_out_regularizer
 from mrl_jax.losses.cached import cached_value_and_grad, embed_in_chunks
 from mrl_jax.losses.classification import (
     nested_loss_per_dim,
@@ -44,6 +47,7 @@ __all__ = [
     "EmbeddingLoss",
     "LAYER_WEIGHTINGS",
     "adaptive_layer",
+  "binary_relaxed_in_batch_softmax",
     "cached_value_and_grad",
     "cosent",
     "embed_in_chunks",
@@ -59,5 +63,6 @@ __all__ = [
     "nested_softmax_cross_entropy",
     "sample_nested_indices",
     "softmax_cross_entropy_per_dim",
+  "spread_out_regularizer",
     "symmetric_in_batch_softmax",
 ]
