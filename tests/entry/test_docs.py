@@ -85,6 +85,17 @@ def test_the_readme_is_a_short_front_page():
     assert heading in text, heading
 
 
+def test_every_test_a_page_names_exists():
+  """``tests/x/test_y.py::name`` (or ``x/test_y.py``) references point at real tests."""
+  ref = re.compile(r"(?:tests/)?(\w+/test_\w+\.py)(?:::(\w+))?")
+  for page in doc_pages():
+    for path, name in ref.findall(open(os.path.join(REPO, page), encoding="utf-8").read()):
+      file = os.path.join(REPO, "tests", path)
+      assert os.path.isfile(file), f"{page} names tests/{path}"
+      if name:
+        assert f"def {name}(" in open(file, encoding="utf-8").read(), f"{page}: {path}::{name}"
+
+
 def test_every_block_runs_or_says_what_it_needs():
   """A block is output (text/unlabelled), runnable, or marked with a reason."""
   total = 0
