@@ -1,7 +1,7 @@
 """Every code block of the README and the docs runs as printed, or says what it needs.
 
-Blocks are read from ``README.md``, ``docs/**/*.md`` and ``benchmarks/README.md`` (included in the docs' results
-page):
+Blocks are read from ``README.md``, ``docs/**/*.md`` and ``benchmarks/README.md``
+(included in the docs' results page):
 
 * ```` ```python ```` blocks run as pasted, each in its own namespace;
 * ```` ```bash ```` / ```` ```sh ```` blocks run as printed under ``bash -e``;
