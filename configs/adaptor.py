@@ -24,7 +24,7 @@ an embedding bundle: ``Encoder.load(DIR/encoder).embed(e, dim=m)``.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mrl_jax.train.config import base_config
+from mrl_jax.train.config import add_binary_aware, base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.rank_weight = 0.05  # supervised mode only
   config.scale = 20.0  # inverse temperature of the ranking loss
   config.gap = "squared"  # "abs": the paper's |S - S_m|; "squared" measured better on MiniLM
+  # Binary-aware terms on f(e), off at 0 (mrl_jax.losses.binary): on the (query, document)
+  # pairs when given, else each row's k full-size neighbours in the batch are its positives.
+  add_binary_aware(config)
 
   # Optimisation.
   config.optim.learning_rate = 3e-4  # small: stay near the PCA start (3e-3 overfit 1,754 rows)

@@ -16,7 +16,7 @@ overridden on the command line, e.g.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mrl_jax.train.config import base_config
+from mrl_jax.train.config import add_binary_aware, base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.nesting.start = 1  # dims None: 1, 2, 4, ..., 64
   config.ff_dim = placeholder(int)  # head="ff" only: the k of FF-k (None: the full embedding)
   config.label_smoothing = 0.1  # as in the paper's recipe
+  # Binary-aware terms on z, off at 0 (mrl_jax.losses.binary): spread_out_weight over rows of
+  # different labels, binary_weight a supervised contrastive loss on relaxed sign codes.
+  add_binary_aware(config)
 
   # Optimisation.
   config.optim.learning_rate = 3e-3  # peak

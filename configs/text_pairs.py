@@ -27,7 +27,7 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mrl_jax.train.config import base_config
+from mrl_jax.train.config import add_binary_aware, base_config
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "examples", "text")
@@ -72,10 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   # off at 0. spread_out_weight: Zhang et al.'s global orthogonal regularizer; binary_weight:
   # the in-batch softmax on relaxed sign codes, "tanh" (tanh(u / binary_temperature)) or
   # "ste" (sign, straight-through). "fused" / "matryoshka" losses only.
-  config.spread_out_weight = 0.0
-  config.binary_weight = 0.0
-  config.binary_estimator = "tanh"
-  config.binary_temperature = 1.0
+  add_binary_aware(config)
 
   # Optimisation.
   config.optim.learning_rate = 1e-3

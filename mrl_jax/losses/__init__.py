@@ -18,7 +18,12 @@ Modules:
   batch-wide loss with one mini-batch's memory.
 """
 
-from mrl_jax.losses.binary import binary_relaxed_in_batch_softmax, spread_out_regularizer
+from mrl_jax.losses.binary import (
+    BinaryAware,
+    binary_relaxed_in_batch_softmax,
+    binary_relaxed_supervised_contrastive,
+    spread_out_regularizer,
+)
 from mrl_jax.losses.cached import cached_value_and_grad, embed_in_chunks
 from mrl_jax.losses.classification import (
     nested_loss_per_dim,
@@ -47,7 +52,9 @@ __all__ = [
     "EmbeddingLoss",
     "LAYER_WEIGHTINGS",
     "adaptive_layer",
-  "binary_relaxed_in_batch_softmax",
+    "BinaryAware",
+    "binary_relaxed_in_batch_softmax",
+    "binary_relaxed_supervised_contrastive",
     "cached_value_and_grad",
     "cosent",
     "embed_in_chunks",
@@ -63,6 +70,6 @@ __all__ = [
     "nested_softmax_cross_entropy",
     "sample_nested_indices",
     "softmax_cross_entropy_per_dim",
-  "spread_out_regularizer",
+    "spread_out_regularizer",
     "symmetric_in_batch_softmax",
 ]

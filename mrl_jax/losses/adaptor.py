@@ -125,6 +125,26 @@ def _neighbours(target: jax.Array, k: int) -> jax.Array:
   return jax.lax.top_k(masked, k)[1]
 
 
+def neighbour_mask(embeddings: jax.Array, k: int) -> jax.Array:
+  """``[B, B]`` bool: ``[i, j]`` True for the ``k`` rows ``j != i`` most similar to row ``i``.
+
+  ``NN_k(i)`` of the top-k loss (:func:`topk_similarity_loss_per_dim`), by full-size
+  cosine, as a mask (not symmetric): the positives of the unsupervised adaptor's
+  binary-aware terms.
+
+  Args:
+    embeddings: ``[B, D]``, ``B >= 2``.
+    k: ``1 <= k <= B - 1``.
+
+  Raises:
+    ValueError: bad shape or ``k``.
+  """
+  _check_pair(embeddings, embeddings)
+  ids = _neighbours(cosine_similarity_matrix(embeddings), k)
+  batch = embeddings.shape[0]
+  return jnp.zeros((batch, batch), bool).at[jnp.arange(batch)[:, None], ids].set(True)
+
+
 def _topk_per_dim(target: jax.Array, gaps: jax.Array, k: int) -> jax.Array:
   ids = _neighbours(target, k)
   picked = jnp.take_along_axis(gaps, jnp.broadcast_to(ids, (gaps.shape[0], *ids.shape)), axis=2)

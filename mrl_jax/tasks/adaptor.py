@@ -8,7 +8,8 @@ the identity at step 0); the loss is :func:`~mrl_jax.losses.adaptor.adaptor_loss
 top-k and pairwise similarity preservation between the full ``e`` and every
 truncated, renormalised prefix ``f(e)[:, :m]``, a reconstruction regulariser and,
 with (query, document) pairs (``config.queries_file`` + ``config.pairs_file``), the
-in-batch ranking loss at every nested dim.
+in-batch ranking loss at every nested dim; optionally the binary-aware terms
+(``config.spread_out_weight``, ``config.binary_weight``: :mod:`mrl_jax.losses.binary`).
 
 Held-out rows (a fixed random share of the file, or ``config.eval_rows_file``) are
 never trained on; evaluation reports, per nested dim, the neighbour recall@k of the
@@ -49,7 +50,7 @@ from mrl_jax.evaluate.adaptor import (
   fit_pca,
   format_reduction_table,
 )
-from mrl_jax.losses.adaptor import GAPS, adaptor_loss
+from mrl_jax.losses.adaptor import GAPS, adaptor_loss, neighbour_mask
 from mrl_jax.models.adaptor import ACTIVATIONS, MatryoshkaAdaptor
 from mrl_jax.tasks import register
 from mrl_jax.tasks.specs import AdaptorSpec
@@ -280,6 +281,7 @@ class AdaptorTask(base.Task):
             and np.isfinite(config.scale) and config.scale > 0):
       raise ValueError(f"config.scale={config.scale!r} must be a finite number > 0")
     config_lib.choice(config.gap, "gap", GAPS)
+    config_lib.validate_binary_aware(config)
     f = config.eval_fraction
     if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1):
       raise ValueError(f"config.eval_fraction={f!r} must be in (0, 1)")
@@ -325,6 +327,9 @@ class AdaptorTask(base.Task):
       self.pairs = EpochBatches(data.train_pairs.shape[0], size, seed=config.seed,
                                 tag=_PAIRS_TAG)
     self._apply = jax.jit(lambda params, x: self.model.apply({"params": params}, x))
+    # None unless a binary-aware weight is > 0.
+    self.binary_terms = config.binary_aware(self.dims, tuple(config.nesting.weights),
+                                            scale=config.scale)
     self._baselines: dict[str, dict] | None = None
 
   # --- model and loss -----------------------------------------------------------------
@@ -358,9 +363,12 @@ class AdaptorTask(base.Task):
   def loss_and_metrics(self, params, model_state, batch, rng):
     """:func:`~mrl_jax.losses.adaptor.adaptor_loss` of one global batch.
 
-    One adaptor forward over the rows, queries and documents together. Metrics:
-    ``topk_per_dim``, ``pair_per_dim`` (``rank_per_dim``) ``[M]`` for the terms
-    with a non-zero weight, and the scalar ``reconstruction``.
+    One adaptor forward over the rows, queries and documents together; plus the
+    binary-aware terms when on (:class:`~mrl_jax.losses.BinaryAware`: on the pairs
+    in the supervised mode, else on the rows with their ``k`` full-size neighbours
+    as positives). Metrics: ``topk_per_dim``, ``pair_per_dim`` (``rank_per_dim``,
+    ``spread_out_per_dim``, ``binary_loss_per_dim``) ``[M]`` for the terms with a
+    non-zero weight, and the scalar ``reconstruction``.
     """
     del rng
     c = self.config
@@ -380,6 +388,15 @@ class AdaptorTask(base.Task):
     metrics = {f"{name}_per_dim": jnp.stack([terms[f"{name}/dim_{m}"] for m in self.dims])
                for name in ("topk", "pair", "rank") if f"{name}/dim_{self.dims[0]}" in terms}
     metrics["reconstruction"] = terms["reconstruction"]
+    if self.binary_terms is not None:
+      if kwargs:  # supervised: the (query, document) pairs
+        extra, binary = self.binary_terms.pairs(kwargs["adapted_queries"],
+                                                kwargs["adapted_documents"])
+      else:  # each row's k full-size neighbours in the batch are its positives
+        extra, binary = self.binary_terms.grouped(adapted[:e.shape[0]],
+                                                  neighbour_mask(e, c.k))
+      loss = loss + extra
+      metrics.update(binary)
     return loss, (model_state, metrics)
 
   # --- data ---------------------------------------------------------------------------

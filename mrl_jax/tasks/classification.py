@@ -6,7 +6,8 @@ exact resume without re-reading; the default) or by tf.data
 styles of :mod:`mrl_jax.data.images`.
 Model: ``encoder -> z [B, D] -> head`` (:class:`mrl_jax.models.Classifier`);
 loss: the summed, weighted nested softmax cross-entropy with label smoothing
-(Kusupati et al. 2022, eq. 1). Metrics per nested dim: loss and top-1.
+(Kusupati et al. 2022, eq. 1), plus, when their weights are > 0, the binary-aware
+terms on ``z`` (:mod:`mrl_jax.losses.binary`). Metrics per nested dim: loss and top-1.
 Export: the encoder AND its nested heads, so per-dim top-1 and the cascade
 come from the bundle (:class:`mrl_jax.bundle.encoder.Encoder`).
 """
@@ -28,6 +29,7 @@ from mrl_jax import models
 from mrl_jax.bundle import artifact
 from mrl_jax.core import fileio
 from mrl_jax.losses import nested_loss_per_dim, softmax_cross_entropy_per_dim
+from mrl_jax.losses.binary import same_label_mask
 from mrl_jax.tasks import register
 from mrl_jax.tasks.specs import ClassificationSpec
 from mrl_jax.train import config as config_lib
@@ -64,6 +66,7 @@ class ClassificationTask(base.Task):
         raise ValueError(f"config.ff_dim={config.ff_dim} is larger than "
                          f"config.encoder.embed_dim={nesting.embed_dim}")
     config_lib.probability(config.label_smoothing, "label_smoothing")
+    config_lib.validate_binary_aware(config)
     config_lib.positive_int(config.shuffle_buffer, "shuffle_buffer")
     for name in ("dataset", "train_split", "eval_split"):
       if not isinstance(config[name], str) or not config[name]:
@@ -104,6 +107,8 @@ class ClassificationTask(base.Task):
     self.dims = (config.ff_dim,) if config.head == "ff" else tuple(config.nesting.dims)
     self.weights = jnp.asarray((1.0,) if config.head == "ff" else config.nesting.weights,
                                jnp.float32)
+    # On z at the trained dims (FF-k: its one dim); None unless a binary-aware weight is > 0.
+    self.binary_terms = config.binary_aware(self.dims, tuple(np.asarray(self.weights)))
     self._to_global = functools.partial(sharding_lib.as_global,
                                         sharding=sharding_lib.batch_sharding(mesh))
     self._eval_step = jax.jit(self._eval_sums, out_shardings=sharding_lib.replicated(mesh))
@@ -114,14 +119,25 @@ class ClassificationTask(base.Task):
     return self.model.init(rng, jnp.zeros((1, *self.input_shape), jnp.float32), train=False)
 
   def loss_and_metrics(self, params, model_state, batch, rng):
-    logits, updates = self.model.apply(
+    """The weighted nested cross-entropy, plus the binary-aware terms on ``z`` when on.
+
+    Metrics: ``loss_per_dim``, ``top1_per_dim`` ``[M]`` (and ``spread_out_per_dim`` /
+    ``binary_loss_per_dim`` for the binary-aware terms that are on).
+    """
+    (logits, z), updates = self.model.apply(
         {"params": params, **model_state}, batch["image"], train=True,
-        mutable=list(model_state), rngs={"dropout": rng})
+        mutable=list(model_state), rngs={"dropout": rng}, return_embedding=True)
     per_dim = nested_loss_per_dim(logits, batch["label"],
                                   label_smoothing=self.config.label_smoothing)
     top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"][None], axis=1)
     metrics = {"loss_per_dim": per_dim, "top1_per_dim": top1}
-    return jnp.sum(self.weights * per_dim), (dict(updates), metrics)
+    loss = jnp.sum(self.weights * per_dim)
+    if self.binary_terms is not None:  # different labels are the non-matching pairs
+      extra, terms = self.binary_terms.grouped(z.astype(jnp.float32),
+                                               same_label_mask(batch["label"]))
+      loss = loss + extra
+      metrics.update(terms)
+    return loss, (dict(updates), metrics)
 
   # --- data -------------------------------------------------------------------------
 

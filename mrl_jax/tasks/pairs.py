@@ -13,7 +13,7 @@ nested size is a slice of the same pooled embedding ``[B, D]``. Losses
 
 Optional binary-aware terms (``config.spread_out_weight``, ``config.binary_weight``;
 :mod:`mrl_jax.losses.binary`, off by default) are added per nested dim to the fused and
-matryoshka losses (:func:`binary_aware_terms`).
+matryoshka losses (:class:`~mrl_jax.losses.BinaryAware` on the anchors and positives).
 
 The encoder is a local Hugging Face BERT (``config.model_dir``, e.g.
 all-MiniLM-L6-v2) or a random one with a word-level vocabulary built from the
@@ -51,16 +51,13 @@ from mrl_jax.data.text import (
   eval_data as eval_data_files,
 )
 from mrl_jax.evaluate.text import code_metric_names, evaluate_text, retrieval_metric_names
-from mrl_jax.losses import binary as binary_losses
 from mrl_jax.losses import (
-  binary_relaxed_in_batch_softmax,
   cached_value_and_grad,
   in_batch_softmax,
   matryoshka,
   matryoshka_2d,
   nested_in_batch_softmax_per_dim,
   sample_nested_indices,
-  spread_out_regularizer,
   symmetric_in_batch_softmax,
 )
 from mrl_jax.models.text import POOLINGS, BertConfig, TextEncoder, load_hf_bert
@@ -216,7 +213,10 @@ class PairsTask(base.Task):
                          "'fused' or 'matryoshka', not '2d'")
     if config.loss == "2d" and config.symmetric:
       raise ValueError("config.symmetric=True is not available with config.loss='2d'")
-    _validate_binary_aware(config)
+    if config_lib.validate_binary_aware(config) and config.loss == "2d":
+      raise ValueError("config.spread_out_weight / config.binary_weight work with config.loss "
+                       "'fused' or 'matryoshka', not '2d' (the 2-D loss samples layers; the "
+                       "binary-aware terms see the last layer only)")
     if config.model_dir is not None:
       hidden = _hidden_size_of(resolve_model_dir(config.model_dir))
       if config.encoder.embed_dim not in (None, hidden):
@@ -292,7 +292,9 @@ class PairsTask(base.Task):
     self.buckets = bucket_lengths(self.tokenizer.max_length)
     self.steps_per_epoch = sum(len(s) for s in self.sources) // config.batch_size
     self._loss = make_pair_loss(config, self.dims)
-    self._binary_terms = binary_aware_terms(config, self.dims)
+    # On the anchors and positives [B, D] (hard negatives not used); None when off.
+    self._binary_terms = config.binary_aware(self.dims, tuple(config.nesting.weights),
+                                             scale=config.scale)
     self._encode = jax.jit(lambda params, *args: self.model.apply({"params": params}, *args))
     self._scored, self._eval_pairs = eval_data(config)
 
@@ -396,7 +398,7 @@ class PairsTask(base.Task):
         symmetric=self.config.symmetric)
     metrics = {"loss_per_dim": per_dim}
     if self._binary_terms is not None:  # off (None) unless a binary-aware weight is > 0
-      extra, terms = self._binary_terms(pooled[:size], pooled[size:2 * size])
+      extra, terms = self._binary_terms.pairs(pooled[:size], pooled[size:2 * size])
       loss = loss + extra
       metrics.update(terms)
     return loss, metrics
@@ -596,23 +598,6 @@ class PairsTask(base.Task):
     return out or None
 
 
-def _validate_binary_aware(config: ml_collections.ConfigDict) -> None:
-  """The binary-aware fields (``.get``: configs saved before them resume with them off)."""
-  on = False
-  for name in ("spread_out_weight", "binary_weight"):
-    on |= config_lib.non_negative(config.get(name, 0.0), name) > 0
-  config_lib.choice(config.get("binary_estimator", "tanh"), "binary_estimator",
-                    binary_losses.ESTIMATORS)
-  temperature = config.get("binary_temperature", 1.0)
-  if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-          and np.isfinite(temperature) and temperature > 0):
-    raise ValueError(f"config.binary_temperature={temperature!r} must be a finite number > 0")
-  if on and config.loss == "2d":
-    raise ValueError("config.spread_out_weight / config.binary_weight work with config.loss "
-                     "'fused' or 'matryoshka', not '2d' (the 2-D loss samples layers; the "
-                     "binary-aware terms see the last layer only)")
-
-
 def eval_data(config: PairsSpec) -> tuple[Any, Any]:
   """:func:`mrl_jax.data.text.eval_data` of ``config.eval_file`` / ``config.eval_pairs_file``."""
   return eval_data_files(config.eval_file, config.eval_pairs_file)
@@ -630,7 +615,7 @@ def make_pair_loss(config: PairsSpec, dims: tuple[int, ...]):
 
   ``"fused"`` and ``"matryoshka"`` take ``[B, D]`` embeddings, ``"2d"`` takes the
   pooled output of every layer ``[L, B, D]``. The binary-aware terms, when on, are
-  added by the task (:func:`binary_aware_terms`). With ``n_dims_per_step=k`` the sum
+  added by the task (:class:`~mrl_jax.losses.BinaryAware`). With ``n_dims_per_step=k`` the sum
   runs over ``k`` sizes drawn per step (the fused loss still computes all sizes
   in its one blocked matmul and zeroes the weights of the others).
   """
@@ -660,38 +645,3 @@ def make_pair_loss(config: PairsSpec, dims: tuple[int, ...]):
     return unfused
   return matryoshka_2d(base_loss, dims, weights, n_dims_per_step=k,
                        n_layers_per_step=config.n_layers_per_step, embedding_args=(0, 1))
-
-
-def binary_aware_terms(config: PairsSpec, dims: tuple[int, ...]):
-  """``terms(anchors, positives) -> (float32 scalar, metrics)``, or None when both weights are 0.
-
-  The scalar is ``sum_m w_m (spread_out_weight * GOR_m + binary_weight * B_m)`` with
-  ``w_m`` the nesting weights, ``GOR_m`` :func:`~mrl_jax.losses.spread_out_regularizer`
-  and ``B_m`` :func:`~mrl_jax.losses.binary_relaxed_in_batch_softmax` (at
-  ``config.scale``, ``config.binary_temperature``, ``config.binary_estimator``) on
-  the anchors and positives ``[B, D]`` (hard negatives are not used). Every dim
-  counts each step (``n_dims_per_step`` samples the float loss only). ``metrics``
-  holds ``spread_out_per_dim`` / ``binary_loss_per_dim`` ``[M]`` (gradient stopped)
-  for the terms that are on. A term at weight 0 is not computed at all, so with
-  both at 0 the training loss is exactly the float loss of :func:`make_pair_loss`.
-  """
-  spread, binary = float(config.spread_out_weight), float(config.binary_weight)
-  if spread == 0 and binary == 0:
-    return None
-  w = jnp.asarray(config.nesting.weights, jnp.float32)
-
-  def terms(anchors, positives):
-    total, metrics = jnp.zeros((), jnp.float32), {}
-    if spread > 0:
-      per_dim = spread_out_regularizer(anchors, positives, dims)
-      total = total + spread * jnp.sum(w * per_dim)
-      metrics["spread_out_per_dim"] = jax.lax.stop_gradient(per_dim)
-    if binary > 0:
-      per_dim = binary_relaxed_in_batch_softmax(
-          anchors, positives, dims, scale=config.scale,
-          temperature=config.binary_temperature, estimator=config.binary_estimator)
-      total = total + binary * jnp.sum(w * per_dim)
-      metrics["binary_loss_per_dim"] = jax.lax.stop_gradient(per_dim)
-    return total, metrics
-
-  return terms

@@ -16,7 +16,41 @@ import dataclasses
 from typing import Literal
 
 from mrl_jax.data.image_spec import ImageInputSpec
+from mrl_jax.losses.binary import BinaryAware
 from mrl_jax.train.specs import TaskSpec
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BinaryAwareSpec:
+  """The binary-aware fields of every task that trains embeddings (off by default).
+
+  :func:`mrl_jax.train.config.add_binary_aware` sets them in a config; the terms
+  are :class:`mrl_jax.losses.BinaryAware`. The relaxed-code softmax runs at the
+  task's ``scale`` (pairs, adaptor) or 20 (classification: sentence-transformers'
+  in-batch softmax default).
+
+  Attributes:
+    spread_out_weight: weight (>= 0; 0: off) of the spread-out regularizer per nested dim
+      (:func:`~mrl_jax.losses.spread_out_regularizer`).
+    binary_weight: weight (>= 0; 0: off) of the contrastive loss on relaxed sign codes
+      per nested dim (:func:`~mrl_jax.losses.binary_relaxed_in_batch_softmax`,
+      :func:`~mrl_jax.losses.binary_relaxed_supervised_contrastive`).
+    binary_estimator: ``"tanh"`` or ``"ste"`` (sign with a straight-through estimator).
+    binary_temperature: of the ``tanh`` / STE relaxation, > 0.
+  """
+
+  spread_out_weight: float = 0.0
+  binary_weight: float = 0.0
+  binary_estimator: Literal["tanh", "ste"] = "tanh"
+  binary_temperature: float = 1.0
+
+  def binary_aware(self, dims, weights, *, scale: float = 20.0) -> BinaryAware | None:
+    """The :class:`mrl_jax.losses.BinaryAware` terms of this spec, or None when both are off."""
+    return BinaryAware.create(
+        dims, weights, spread_out_weight=self.spread_out_weight,
+        binary_weight=self.binary_weight, scale=scale, temperature=self.binary_temperature,
+        estimator=self.binary_estimator)
+
 
 # --- classification: one encoder section per backbone, chosen by encoder.name ------------
 
@@ -106,7 +140,7 @@ ImageEncoderSpec = MLPEncoderSpec | CNNEncoderSpec | ResNetEncoderSpec | ViTEnco
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ClassificationSpec(TaskSpec):
+class ClassificationSpec(TaskSpec, BinaryAwareSpec):
   """``config.task = "classification"`` (``configs/digits_mlp.py``, the ImageNet / CIFAR configs).
 
   Attributes:
@@ -120,6 +154,10 @@ class ClassificationSpec(TaskSpec):
     ff_dim: ``head="ff"``: the k of FF-k (set to ``embed_dim`` when None).
     label_smoothing: in [0, 1), in every nested head.
     input: how images are prepared (:class:`~mrl_jax.data.image_spec.ImageInputSpec`).
+    spread_out_weight, binary_weight, binary_estimator, binary_temperature: the
+      binary-aware terms on the embedding ``z`` (:class:`BinaryAwareSpec`): the
+      non-matching pairs are rows of different labels; the relaxed-code term is the
+      supervised contrastive loss over same-label rows.
   """
 
   task: Literal["classification"] = "classification"
@@ -178,7 +216,7 @@ class ExportSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PairsSpec(TaskSpec):
+class PairsSpec(TaskSpec, BinaryAwareSpec):
   """``config.task = "pairs"`` (``configs/text_pairs.py``, ``configs/text_stdlib.py``).
 
   Attributes:
@@ -269,7 +307,7 @@ class AdaptorModelSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AdaptorSpec(TaskSpec):
+class AdaptorSpec(TaskSpec, BinaryAwareSpec):
   """``config.task = "adaptor"`` (``configs/adaptor.py``).
 
   Attributes:
@@ -290,6 +328,10 @@ class AdaptorSpec(TaskSpec):
       (``rank_weight`` in the supervised mode only).
     scale: inverse temperature of the ranking loss, > 0.
     gap: ``"squared"`` or ``"abs"`` (the paper's ``|S - S_m|``).
+    spread_out_weight, binary_weight, binary_estimator, binary_temperature: the
+      binary-aware terms on the adapted embeddings (:class:`BinaryAwareSpec`): on the
+      (query, document) pairs in the supervised mode; else on the rows, each row's
+      ``k`` full-size neighbours in the batch its positives.
   """
 
   task: Literal["adaptor"] = "adaptor"

@@ -69,6 +69,43 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   return config
 
 
+BINARY_ESTIMATORS = ("tanh", "ste")  # mrl_jax.losses.binary.ESTIMATORS
+
+
+def add_binary_aware(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The binary-aware fields of a task that trains embeddings, all off (weights 0).
+
+  ``spread_out_weight``: Zhang et al.'s global orthogonal regularizer per nested dim;
+  ``binary_weight``: the contrastive loss on relaxed sign codes per nested dim,
+  ``binary_estimator`` ``"tanh"`` (``tanh(u / binary_temperature)``) or ``"ste"``
+  (sign forward, straight-through backward): :mod:`mrl_jax.losses.binary`.
+  """
+  config.spread_out_weight = 0.0
+  config.binary_weight = 0.0
+  config.binary_estimator = "tanh"
+  config.binary_temperature = 1.0
+  return config
+
+
+def validate_binary_aware(config: ml_collections.ConfigDict) -> bool:
+  """Check the fields of :func:`add_binary_aware`; True when a term is on.
+
+  ``.get`` with the defaults: configs saved before these fields resume with them off.
+
+  Raises:
+    ValueError: naming the field: a negative weight, an unknown estimator, a
+      temperature that is not a finite number > 0.
+  """
+  on = False
+  for name in ("spread_out_weight", "binary_weight"):
+    on |= non_negative(config.get(name, 0.0), name) > 0
+  choice(config.get("binary_estimator", "tanh"), "binary_estimator", BINARY_ESTIMATORS)
+  temperature = config.get("binary_temperature", 1.0)
+  if not (_is_number(temperature) and math.isfinite(temperature) and temperature > 0):
+    raise ValueError(f"config.binary_temperature={temperature!r} must be a finite number > 0")
+  return on
+
+
 NONE_VALUES = ("None", "none", "null")
 
 
