@@ -70,8 +70,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 256
   config.loop.num_train_steps = 1000
 
-  # Bookkeeping.
+  # Bookkeeping and model selection: the exported step is the best evaluated one by
+  # selection_score, the held-out metric averaged over the nested dims (neighbor_recall_mean
+  # unsupervised, pair_ndcg_mean with pairs); step 0 (the initialisation, uncentred PCA with
+  # init="pca") is evaluated too, so the export falls back to it when training made the
+  # held-out metric worse. --config.checkpoint.best_metric=None exports the last step.
   config.loop.log_every_steps = 100
-  config.loop.eval_every_steps = 500
+  config.loop.eval_every_steps = 100
+  config.loop.eval_at_start = True
   config.checkpoint.every_steps = 500
+  config.checkpoint.best_metric = "selection_score"
   return config
