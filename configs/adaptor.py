@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_max_rows = 5000
   config.eval_rows_file = placeholder(str)
   config.eval_k = 10  # recall@k / nDCG@k cut-off
+  # selection_score (below) averages over the nested dims <= select_max_dim (None: all), e.g.
+  # D // 4 to select for the small dims the adaptor is for, whatever happens at full size.
+  config.select_max_dim = placeholder(int)
 
   # Model: f(e) = e + g(e), g an MLP (hidden=() is one affine layer, e.g. (512,) one hidden
   # layer of 512). init "identity": f starts as the identity (truncation); "pca" (hidden=()

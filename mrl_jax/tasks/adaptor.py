@@ -308,6 +308,11 @@ class AdaptorTask(base.Task):
       raise ValueError(f"config.encoder.embed_dim={config.encoder.embed_dim} differs from "
                        f"D={d} of config.embeddings_file (leave it None)")
     config_lib.fill_nesting(config, d)
+    if config.select_max_dim is not None:
+      config_lib.positive_int(config.select_max_dim, "select_max_dim")
+      if config.select_max_dim < min(config.nesting.dims):
+        raise ValueError(f"config.select_max_dim={config.select_max_dim} is below every "
+                         f"nested dim {tuple(config.nesting.dims)}: nothing to select by")
     if config.text_encoder is not None:
       check_text_encoder(config.text_encoder, d)
 
@@ -463,9 +468,10 @@ class AdaptorTask(base.Task):
     among the held-out rows) and, supervised, ``pair_recall_per_dim`` /
     ``pair_ndcg_per_dim``; the baselines as ``<metric>_<method>_per_dim``
     (``truncate``, ``pca``, ``pca_uncentred``); and the adaptor's mean over the
-    nested dims as the scalar ``<metric>_mean``; and ``selection_score``, the
-    ``<metric>_mean`` of :attr:`selection_metric` (what ``configs/adaptor.py``
-    selects the exported step by). Process 0 also writes ``workdir/plots/<metric>.png``.
+    nested dims as the scalar ``<metric>_mean``; and ``selection_score``, the mean
+    of :attr:`selection_metric` over :attr:`selection_dims` (what
+    ``configs/adaptor.py`` selects the exported step by). Process 0 also writes
+    ``workdir/plots/<metric>.png``.
     """
     params = variables["params"]
     adaptor = self._compare({"adaptor": functools.partial(self.adapt, params)})
@@ -477,7 +483,9 @@ class AdaptorTask(base.Task):
         key = metric if method == "adaptor" else f"{metric}_{method}"
         out[f"{key}_per_dim"] = np.asarray(values, np.float32)
       out[f"{metric}_mean"] = float(np.mean(by_method["adaptor"]))  # the console's one number
-    out[SELECTION_SCORE] = out[f"{self.selection_metric}_mean"]
+    out[SELECTION_SCORE] = float(np.mean(
+        [v for m, v in zip(self.dims, table[self.selection_metric]["adaptor"], strict=True)
+         if m in self.selection_dims]))
     if jax.process_index() == 0:
       self.write_plots(table)
     return out
@@ -508,6 +516,12 @@ class AdaptorTask(base.Task):
     """
     return "pair_ndcg" if self.data.supervised and self.config.rank_weight > 0 \
         else "neighbor_recall"
+
+  @property
+  def selection_dims(self) -> tuple[int, ...]:
+    """The nested dims ``<= config.select_max_dim`` (all of them when it is None)."""
+    top = self.config.select_max_dim
+    return tuple(m for m in self.dims if top is None or m <= top)
 
   def eval_metric_names(self) -> list[str]:
     metrics = METRICS if self.data.supervised else METRICS[:1]
@@ -560,7 +574,8 @@ class AdaptorTask(base.Task):
     """The held-out metrics of ``params`` beside the baselines', per nested dim.
 
     Returns:
-      ``{"step", "eval_k", "num_eval_rows", "dims", "selection_metric", "metrics":
+      ``{"step", "eval_k", "num_eval_rows", "dims", "selection_metric",
+      "selection_dims", "metrics":
       {metric: {"adaptor": [M], "truncate": [M], "pca": [M], "pca_uncentred": [M],
       "beats": {baseline: [M] bools}}}}``; ``beats[b][i]`` is ``adaptor[i] >= b[i]``
       (values are in [0, 1], the metrics of :meth:`evaluate` on the held-out rows).
@@ -575,7 +590,8 @@ class AdaptorTask(base.Task):
                                    for b, values in base_values.items()}}
     return {"step": int(step), "eval_k": int(self.config.eval_k),
             "num_eval_rows": int(self.data.eval_rows.size), "dims": [int(m) for m in self.dims],
-            "selection_metric": self.selection_metric, "metrics": metrics}
+            "selection_metric": self.selection_metric,
+            "selection_dims": [int(m) for m in self.selection_dims], "metrics": metrics}
 
   def warn_below_baselines(self, record: dict[str, Any]) -> list[str]:
     """One :class:`BelowBaselineWarning` per metric listing the dims below a baseline.

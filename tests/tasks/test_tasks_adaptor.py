@@ -221,6 +221,8 @@ def _write(tmp_path, name, array):
     (lambda x, t: {"eval_rows_file": _write(t, "rows", np.array([1, 300]))},
      r"config.eval_rows_file has row ids outside \[0, 200\)"),
     (lambda x, t: {"topk_weight": 0.0, "pair_weight": 0.0}, "nothing to train"),
+    (lambda x, t: {"select_max_dim": 4}, "config.select_max_dim=4 is below every nested dim"),
+    (lambda x, t: {"select_max_dim": 0}, "config.select_max_dim"),
 ])
 def test_bad_inputs_fail_naming_the_field(change, message, tmp_path):
   x = _low_rank_data(np.random.default_rng(1), 200)
@@ -407,3 +409,15 @@ def test_a_tampered_or_inconsistent_baseline_record_is_refused(trained):
   with pytest.raises(artifact.BundleError, match="changed since export"):
     artifact.validate_metadata({**meta, "baselines": {**meta["baselines"], "num_eval_rows": 1}},
                                "x")  # the digest covers the record
+
+
+@pytest.mark.parametrize("rank_weight, metric", [(0.0, "neighbor_recall"), (0.05, "pair_ndcg")])
+def test_selection_score_is_the_trained_for_metric_averaged_over_the_selection_dims(
+    files, tmp_path, rank_weight, metric):
+  config = experiments.task_spec(_config(files["x"], queries_file=files["queries"],
+                                         pairs_file=files["pairs"], rank_weight=rank_weight,
+                                         select_max_dim=20))
+  task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
+  assert task.selection_metric == metric and task.selection_dims == (8, 16)
+  ev = task.evaluate(task.init_variables(jax.random.PRNGKey(0)))
+  assert ev["selection_score"] == pytest.approx(np.mean(ev[f"{metric}_per_dim"][:2]))
