@@ -223,6 +223,8 @@ def validate_metadata(meta: Any, file: str) -> dict[str, Any]:
     raise bad("step", "must be null or an int >= 0")
   if meta.get("training_config") is not None and not isinstance(meta["training_config"], dict):
     raise bad("training_config", "must be null or a JSON object")
+  if "baselines" in meta:
+    validate_baselines(meta["baselines"], dims, file)
   hashes = meta.get("sha256")
   if not isinstance(hashes, dict) or WEIGHTS_FILE not in hashes:
     raise BundleError(f"bundle metadata {file}: no sha256 entry for {WEIGHTS_FILE}")
@@ -242,6 +244,46 @@ def validate_metadata(meta: Any, file: str) -> dict[str, Any]:
     raise BundleError(f"bundle metadata {file}: its fields changed since export "
                       f"({METADATA_DIGEST} mismatch): corrupt or tampered; re-export it")
   return meta
+
+
+def _is_fraction(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+
+
+def validate_baselines(record: Any, dims: list[int], file: str) -> None:
+  """``mrl_jax.json``'s ``"baselines"``: the adaptor's held-out metrics beside its baselines.
+
+  The layout of :meth:`mrl_jax.tasks.adaptor.AdaptorTask.baseline_record`: ``dims``
+  equal to the bundle's ``matryoshka_dimensions``; per metric, ``"adaptor"`` and every
+  baseline a list of one value in [0, 1] per dim, and ``"beats"`` one list of bools
+  per baseline that must equal ``adaptor >= baseline`` element-wise.
+
+  Raises:
+    BundleError: naming ``file`` and the field.
+  """
+  where = f"bundle metadata {file}: baselines"
+  if not isinstance(record, dict) or record.get("dims") != dims \
+      or not isinstance(record.get("metrics"), dict) or not record["metrics"]:
+    raise BundleError(f"{where} must be an object with dims={dims} (matryoshka_dimensions) "
+                      "and a non-empty metrics object")
+  per_dim = lambda v: isinstance(v, list) and len(v) == len(dims)
+  for metric, table in record["metrics"].items():
+    if not isinstance(table, dict) or not isinstance(table.get("beats"), dict) \
+        or "adaptor" not in table:
+      raise BundleError(f"{where}.metrics.{metric} must hold 'adaptor', the baselines and "
+                        "'beats'")
+    for method, values in table.items():
+      if method != "beats" and not (per_dim(values) and all(map(_is_fraction, values))):
+        raise BundleError(f"{where}.metrics.{metric}.{method} must be {len(dims)} numbers in "
+                          "[0, 1] (one per dim)")
+    methods = sorted(m for m in table if m not in ("adaptor", "beats"))
+    if sorted(table["beats"]) != methods:
+      raise BundleError(f"{where}.metrics.{metric}.beats must name the baselines {methods}")
+    for method, flags in table["beats"].items():
+      want = [a >= b for a, b in zip(table["adaptor"], table[method], strict=True)]
+      if not (per_dim(flags) and all(isinstance(f, bool) for f in flags)) or flags != want:
+        raise BundleError(f"{where}.metrics.{metric}.beats.{method}={flags!r} must be "
+                          f"adaptor >= {method} per dim: {want}")
 
 
 def bundle_files(path: str) -> list[str]:

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,6 +67,14 @@ INITS = ("identity", "pca")  # config.adaptor.init
 TEXT_ENCODER_DIR = "text_encoder"  # the copied text bundle inside a composed export
 METRICS = ("neighbor_recall", "pair_recall", "pair_ndcg")
 BASELINES = ("truncate", "pca", "pca_uncentred")
+# The scalar that configs/adaptor.py selects the step by (config.checkpoint.best_metric):
+# the held-out metric the adaptor is for, averaged over the nested dims.
+SELECTION_SCORE = "selection_score"
+RECORD_FIELD = "baselines"  # the export's per-dim adaptor-vs-baselines record (mrl_jax.json)
+
+
+class BelowBaselineWarning(UserWarning):
+  """The exported adaptor is below a baseline (raw truncation, PCA) at some nested dim."""
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -301,6 +310,11 @@ class AdaptorTask(base.Task):
       raise ValueError(f"config.encoder.embed_dim={config.encoder.embed_dim} differs from "
                        f"D={d} of config.embeddings_file (leave it None)")
     config_lib.fill_nesting(config, d)
+    if config.select_max_dim is not None:
+      config_lib.positive_int(config.select_max_dim, "select_max_dim")
+      if config.select_max_dim < min(config.nesting.dims):
+        raise ValueError(f"config.select_max_dim={config.select_max_dim} is below every "
+                         f"nested dim {tuple(config.nesting.dims)}: nothing to select by")
     if config.text_encoder is not None:
       check_text_encoder(config.text_encoder, d)
 
@@ -471,7 +485,9 @@ class AdaptorTask(base.Task):
     among the held-out rows) and, supervised, ``pair_recall_per_dim`` /
     ``pair_ndcg_per_dim``; the baselines as ``<metric>_<method>_per_dim``
     (``truncate``, ``pca``, ``pca_uncentred``); and the adaptor's mean over the
-    nested dims as the scalar ``<metric>_mean``. Process 0 also writes
+    nested dims as the scalar ``<metric>_mean``; and ``selection_score``, the mean
+    of :attr:`selection_metric` over :attr:`selection_dims` (what
+    ``configs/adaptor.py`` selects the exported step by). Process 0 also writes
     ``workdir/plots/<metric>.png``.
     """
     params = variables["params"]
@@ -484,6 +500,9 @@ class AdaptorTask(base.Task):
         key = metric if method == "adaptor" else f"{metric}_{method}"
         out[f"{key}_per_dim"] = np.asarray(values, np.float32)
       out[f"{metric}_mean"] = float(np.mean(by_method["adaptor"]))  # the console's one number
+    out[SELECTION_SCORE] = float(np.mean(
+        [v for m, v in zip(self.dims, table[self.selection_metric]["adaptor"], strict=True)
+         if m in self.selection_dims]))
     if jax.process_index() == 0:
       self.write_plots(table)
     return out
@@ -504,11 +523,28 @@ class AdaptorTask(base.Task):
           title=f"Matryoshka-Adaptor, {self.data.eval_rows.size} held-out rows"))
     return paths
 
+  @property
+  def selection_metric(self) -> str:
+    """The held-out metric of model selection: what the run trains for.
+
+    ``"pair_ndcg"`` when pairs are given and trained on (``rank_weight > 0``), else
+    ``"neighbor_recall"`` (pairs with ``rank_weight=0`` are only evaluated);
+    ``selection_score`` is its mean over the nested dims.
+    """
+    return "pair_ndcg" if self.data.supervised and self.config.rank_weight > 0 \
+        else "neighbor_recall"
+
+  @property
+  def selection_dims(self) -> tuple[int, ...]:
+    """The nested dims ``<= config.select_max_dim`` (all of them when it is None)."""
+    top = self.config.select_max_dim
+    return tuple(m for m in self.dims if top is None or m <= top)
+
   def eval_metric_names(self) -> list[str]:
     metrics = METRICS if self.data.supervised else METRICS[:1]
     keys = [f"{metric}{suffix}" for metric in metrics
             for suffix in ("", *(f"_{method}" for method in BASELINES))]
-    return [*(f"{metric}_mean" for metric in metrics),
+    return [*(f"{metric}_mean" for metric in metrics), SELECTION_SCORE,
             *(f"{key}/dim_{m}" for key in keys for m in self.dims)]
 
   def describe(self, result: dict[str, Any]) -> str:
@@ -551,11 +587,59 @@ class AdaptorTask(base.Task):
             "adaptor_input": "full-size L2-normalised text embedding"},
     }
 
+  def baseline_record(self, params: Any, *, step: int) -> dict[str, Any]:
+    """The held-out metrics of ``params`` beside the baselines', per nested dim.
+
+    Returns:
+      ``{"step", "eval_k", "num_eval_rows", "dims", "selection_metric",
+      "selection_dims", "metrics":
+      {metric: {"adaptor": [M], "truncate": [M], "pca": [M], "pca_uncentred": [M],
+      "beats": {baseline: [M] bools}}}}``; ``beats[b][i]`` is ``adaptor[i] >= b[i]``
+      (values are in [0, 1], the metrics of :meth:`evaluate` on the held-out rows).
+    """
+    adaptor = self._compare({"adaptor": functools.partial(self.adapt, params)})
+    metrics = {}
+    for metric, by_method in adaptor.items():
+      ours = by_method["adaptor"]
+      base_values = {b: self.baselines()[metric][b] for b in BASELINES}
+      metrics[metric] = {"adaptor": ours, **base_values,
+                         "beats": {b: [bool(a >= v) for a, v in zip(ours, values, strict=True)]
+                                   for b, values in base_values.items()}}
+    return {"step": int(step), "eval_k": int(self.config.eval_k),
+            "num_eval_rows": int(self.data.eval_rows.size), "dims": [int(m) for m in self.dims],
+            "selection_metric": self.selection_metric,
+            "selection_dims": [int(m) for m in self.selection_dims], "metrics": metrics}
+
+  def warn_below_baselines(self, record: dict[str, Any]) -> list[str]:
+    """One :class:`BelowBaselineWarning` per metric listing the dims below a baseline.
+
+    Returns:
+      The warning lines (empty when the adaptor is >= every baseline at every dim).
+    """
+    lines = []
+    for metric, table in record["metrics"].items():
+      dims, details = [], []
+      for i, m in enumerate(record["dims"]):
+        lost = [f"{b} {table[b][i]:.4f}" for b in BASELINES if not table["beats"][b][i]]
+        if lost:
+          dims.append(m)
+          details.append(f"dim {m}: {table['adaptor'][i]:.4f} < " + ", ".join(lost))
+      if dims:
+        lines.append(f"the exported adaptor (step {record['step']}) is below a baseline in "
+                     f"held-out {metric}@{record['eval_k']} at dims {dims} ("
+                     + "; ".join(details) + "): at those dims the baseline serves better")
+    for line in lines:
+      warnings.warn(line, BelowBaselineWarning, stacklevel=3)
+    return lines
+
   def export(self, variables: base.Variables, out_dir: str, *, step: int) -> None:
     """``config.json``, ``model.safetensors`` (``{"params": ...}``), ``mrl_jax.json``.
 
     With ``config.text_encoder`` its bundle is copied into ``out_dir/text_encoder``
-    (covered by this bundle's hashes) and the export embeds texts too.
+    (covered by this bundle's hashes) and the export embeds texts too. ``mrl_jax.json``
+    records, under ``"baselines"``, the held-out metrics of the exported step beside
+    raw truncation and PCA per nested dim (:meth:`baseline_record`), and a
+    :class:`BelowBaselineWarning` names every dim where the adaptor is below one.
     """
     if self.config.text_encoder is not None:
       check_text_encoder(self.config.text_encoder, self.embed_dim)  # unchanged since training
@@ -564,7 +648,9 @@ class AdaptorTask(base.Task):
     fileio.write_json(os.path.join(out_dir, artifact.CONFIG_FILE), model_config,
                       what=artifact.CONFIG_FILE)
     artifact.save_weights(out_dir, {"params": variables["params"]})
+    record = self.baseline_record(variables["params"], step=step)
     artifact.write_metadata(
         out_dir, modality="embedding", dims=model_config["matryoshka_dimensions"],
         weights=[float(w) for w in self.config.nesting.weights], is_matryoshka=True, step=step,
-        task=self.name, training_config=specs.as_json(self.config))
+        task=self.name, training_config=specs.as_json(self.config), extra={RECORD_FIELD: record})
+    self.warn_below_baselines(record)

@@ -319,6 +319,8 @@ class AdaptorSpec(TaskSpec, BinaryAwareSpec):
     eval_max_rows: at most this many held-out rows.
     eval_rows_file: int ``[E]`` ``.npy`` of held-out rows (instead of the fraction).
     eval_k: recall@k / nDCG@k cut-off.
+    select_max_dim: ``selection_score`` (the exported step's criterion) averages the
+      held-out metric over the nested dims ``<= select_max_dim`` (None: every dim).
     adaptor: the adaptor's shape.
     text_encoder: an exported text bundle whose embeddings ``embeddings_file`` holds
       (the exported adaptor then embeds text).
@@ -343,6 +345,7 @@ class AdaptorSpec(TaskSpec, BinaryAwareSpec):
   eval_max_rows: int = 5000
   eval_rows_file: str | None = None
   eval_k: int = 10
+  select_max_dim: int | None = None
   adaptor: AdaptorModelSpec = AdaptorModelSpec()
   text_encoder: str | None = None
   encoder: EmbeddingSpec = EmbeddingSpec()

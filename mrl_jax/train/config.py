@@ -54,7 +54,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       warmup_epochs=placeholder(float)))  # if set, overrides warmup_steps
   config.loop = ml_collections.ConfigDict(dict(
       num_train_steps=placeholder(int), num_epochs=placeholder(float),  # one of the two
-      log_every_steps=100, eval_every_steps=1000))
+      log_every_steps=100, eval_every_steps=1000,
+      eval_at_start=False))  # also evaluate (and, with best_metric, keep) step 0
   # Scale-out (mrl_jax.train.sharding): a ("data", "fsdp") mesh; -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1),  # data parallel; e.g. (2, 4) also splits large arrays over 4

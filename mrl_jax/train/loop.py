@@ -236,7 +236,8 @@ class Experiment:
 
     Checkpoints are written every ``checkpoint_every_steps``, at every eval
     when ``best_metric`` is set, at the last step, and when a preemption notice
-    (``SIGTERM``) arrives.
+    (``SIGTERM``) arrives. With ``config.loop.eval_at_start`` a fresh run also
+    evaluates step 0 (and, with ``best_metric``, saves it as a candidate).
 
     Args:
       on_step: called as ``on_step(step, metrics)`` after every train step.
@@ -266,6 +267,8 @@ class Experiment:
     watch.install()
     tick = time.perf_counter()
     try:
+      if spec.loop.eval_at_start and start == 0 and self.checkpointer.latest_step() is None:
+        self._evaluate_start(writer)
       for step in range(start + 1, self.total_steps + 1):
         self.state, metrics = self.train_step_fn(self.state, next(batches))
         if on_step is not None:
@@ -299,6 +302,14 @@ class Experiment:
       writer.close()
       self.checkpointer.wait()
     return self._final_metrics(main)
+
+  def _evaluate_start(self, writer: MetricWriter) -> None:
+    """Step 0 of a fresh run: evaluate the initial state (with best_metric: a candidate)."""
+    eval_scalars = expand_per_dim(self.evaluate(), self.dims)
+    writer.write_scalars(0, eval_scalars, prefix="eval/")
+    if self.best_metric:
+      self.checkpointer.save(0, self.state, metrics=eval_scalars,
+                             extra_metadata={"data_position": self.task.data_position(0)})
 
   def _check_finite(self, pending: list[tuple[int, jax.Array, jax.Array]]) -> list:
     """Raise :class:`NonFiniteLossError` at the first pending step with a non-finite state."""

@@ -12,7 +12,8 @@ The namespaces (big_vision's ``config.optim``, ``config.evals`` style)::
 
   config.optim       optimizer, learning_rate, learning_rate_batch_size, momentum,
                      weight_decay, schedule, warmup_steps, warmup_epochs
-  config.loop        num_train_steps, num_epochs, log_every_steps, eval_every_steps
+  config.loop        num_train_steps, num_epochs, log_every_steps, eval_every_steps,
+                     eval_at_start
   config.mesh        shape, fsdp_min_size
   config.checkpoint  every_steps, max_to_keep, async_save, best_metric, best_mode
 
@@ -98,12 +99,16 @@ class LoopSpec:
     num_epochs: passes over the training data (used when ``num_train_steps`` is None).
     log_every_steps: steps between console / TensorBoard lines.
     eval_every_steps: steps between evaluations (also at the last step).
+    eval_at_start: also evaluate the initial state (step 0) of a fresh run and, with
+      ``checkpoint.best_metric``, save it as a candidate, so the best step can be the
+      initialisation itself (the adaptor's fallback to its PCA start).
   """
 
   num_train_steps: int | None = None
   num_epochs: float | None = None
   log_every_steps: int = 100
   eval_every_steps: int = 1000
+  eval_at_start: bool = False
 
   def __post_init__(self):
     if self.num_train_steps is None and self.num_epochs is None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from testutil import REPO, override
 from mrl_jax import experiments
 from mrl_jax.bundle.encoder import Encoder
 from mrl_jax.losses.adaptor import adaptor_loss
-from mrl_jax.tasks.adaptor import AdaptorTask, EpochBatches, held_out_rows
+from mrl_jax.tasks.adaptor import AdaptorTask, BelowBaselineWarning, EpochBatches, held_out_rows
 from mrl_jax.train import config as config_lib
 from mrl_jax.train import sharding as sharding_lib
 
@@ -88,7 +89,8 @@ def test_tiny_run_moves_the_structure_into_the_8_dim_prefix(trained):
   assert final["eval"] == ev
   names = experiment.task.eval_metric_names()
   assert "neighbor_recall/dim_8" in names and "neighbor_recall_pca/dim_64" in names
-  assert len(names) == 1 + 4 * len(DIMS) and names[0] == "neighbor_recall_mean"
+  assert len(names) == 2 + 4 * len(DIMS)
+  assert names[:2] == ["neighbor_recall_mean", "selection_score"]
   assert np.isclose(ev["neighbor_recall_mean"], np.mean(ev["neighbor_recall_per_dim"]))
   assert os.path.getsize(os.path.join(workdir, "plots", "neighbor_recall.png")) > 1000
   table = experiment.task.describe(result)
@@ -219,6 +221,8 @@ def _write(tmp_path, name, array):
     (lambda x, t: {"eval_rows_file": _write(t, "rows", np.array([1, 300]))},
      r"config.eval_rows_file has row ids outside \[0, 200\)"),
     (lambda x, t: {"topk_weight": 0.0, "pair_weight": 0.0}, "nothing to train"),
+    (lambda x, t: {"select_max_dim": 4}, "config.select_max_dim=4 is below every nested dim"),
+    (lambda x, t: {"select_max_dim": 0}, "config.select_max_dim"),
 ])
 def test_bad_inputs_fail_naming_the_field(change, message, tmp_path):
   x = _low_rank_data(np.random.default_rng(1), 200)
@@ -269,7 +273,8 @@ def test_a_text_encoder_and_the_adaptor_compose_into_one_bundle(tmp_path):
   raw = Encoder.load(text_dir).embed(texts)  # [N, 32], full size, unit norm
   config = _config(_write(tmp_path, "texts", raw), text_encoder=text_dir, batch_size=32,
                    eval_k=5, num_train_steps=10, eval_every_steps=10,
-                   nesting={"dims": (8, 16, 32)})
+                   nesting={"dims": (8, 16, 32)},
+                   checkpoint={"best_metric": None})  # the trained step, not the identity
   result = experiments.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
   composed = Encoder.load(result["export_dir"])
   assert composed.modality == "embedding" and composed.dims == (8, 16, 32)
@@ -285,3 +290,134 @@ def test_a_text_encoder_and_the_adaptor_compose_into_one_bundle(tmp_path):
   with pytest.raises(ValueError, match="config.text_encoder=.* embeds 32 dims"):
     experiments.validate_config(_config(_write(tmp_path, "wide", np.tile(raw, (1, 2))),
                                        text_encoder=text_dir, **small))
+
+
+# -- held-out model selection and the export's baseline record -----------------------------
+
+
+def _numpy_neighbor_recall(full, reduced, m, k):
+  """The slow, obvious reference: exact cosine top-k by argsort, each row its own query."""
+  unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+  def top(a):
+    sims = unit(a.astype(np.float64)) @ unit(a.astype(np.float64)).T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+  truth, found = top(full), top(reduced[:, :m])
+  return np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found, strict=True)])
+
+
+def _numpy_pca_axes(train, center):
+  """Principal axes (rows, by decreasing variance) by eigh of the second-moment matrix."""
+  x = train.astype(np.float64) - (train.mean(axis=0) if center else 0.0)
+  values, vectors = np.linalg.eigh(x.T @ x)
+  return vectors[:, np.argsort(-values, kind="stable")].T, (train.mean(axis=0) if center else 0.0)
+
+
+def _selected_run(files, workdir, steps=60, every=20, best_metric="selection_score",
+                  **overrides):
+  """Train with every evaluation's selection_score recorded; export; returns what happened."""
+  config = _config(files["x"], loop={"num_train_steps": steps, "eval_every_steps": every},
+                   checkpoint={"every_steps": steps, "max_to_keep": 1,
+                               "best_metric": best_metric}, **overrides)
+  experiment = experiments.create(config, workdir)
+  scores, evaluate = {}, experiment.evaluate
+
+  def recording_evaluate():
+    out = evaluate()
+    scores[experiment.step] = out["selection_score"]
+    return out
+
+  experiment.evaluate = recording_evaluate
+  try:
+    experiment.train(progress=False)
+    kept = {s: experiment.checkpointer.read_metadata(s)["metrics"]["selection_score"]
+            for s in experiment.checkpointer.all_steps()}
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      export_dir = experiment.export()
+  finally:
+    experiment.close()
+  below = [str(w.message) for w in caught if issubclass(w.category, BelowBaselineWarning)]
+  return experiment, scores, kept, export_dir, below
+
+
+@pytest.mark.parametrize("init, lr, selected", [("identity", 3e-3, "a trained step"),
+                                                ("pca", 3e-2, "the initialisation")])
+def test_the_export_is_the_step_with_the_best_held_out_metric(files, tmp_path, init, lr,
+                                                               selected):
+  experiment, scores, kept, export_dir, _ = _selected_run(
+      files, str(tmp_path), adaptor={"init": init}, optim={"learning_rate": lr})
+  assert sorted(scores) == [0, 20, 40, 60]  # step 0 too (config.loop.eval_at_start)
+  best = max(scores, key=lambda s: (scores[s], s))
+  assert (best > 0) == (selected == "a trained step")  # both cases happen on this data
+  assert kept[best] == pytest.approx(scores[best])  # the checkpoint holds the loop's number
+  meta = Encoder.load(export_dir).metadata
+  assert meta["step"] == best and meta["baselines"]["step"] == best
+  record = meta["baselines"]["metrics"]["neighbor_recall"]
+  assert np.mean(record["adaptor"]) == pytest.approx(scores[best])
+  assert max(scores.values()) == pytest.approx(np.mean(record["adaptor"]))
+
+
+def test_the_export_records_adaptor_and_baselines_per_dim_and_warns_where_below(files,
+                                                                                tmp_path):
+  # Identity start, 1 tiny step: the adaptor is raw truncation, so PCA beats it at 8-32.
+  experiment, _, _, export_dir, below = _selected_run(
+      files, str(tmp_path), adaptor={"init": "identity"}, optim={"learning_rate": 1e-9},
+      steps=1, every=1, best_metric=None)
+  encoder = Encoder.load(export_dir)
+  record = encoder.metadata["baselines"]
+  assert record["dims"] == list(DIMS) and record["selection_metric"] == "neighbor_recall"
+  table = record["metrics"]["neighbor_recall"]
+  data = experiment.task.data
+  held, train = data.embeddings[data.eval_rows], data.embeddings[data.train_rows]
+  reference = {"adaptor": encoder.embed(held, dim=64), "truncate": held}
+  for name, center in (("pca", True), ("pca_uncentred", False)):
+    axes, mean = _numpy_pca_axes(train, center)
+    reference[name] = (held - mean) @ axes.T
+  for name, reduced in reference.items():
+    want = [_numpy_neighbor_recall(held, reduced, m, 10) for m in DIMS]
+    np.testing.assert_allclose(table[name], want, atol=2e-3, err_msg=name)
+  worse = [m for i, m in enumerate(DIMS)
+           if any(table["adaptor"][i] < table[b][i] for b in ("truncate", "pca", "pca_uncentred"))]
+  assert worse[:3] == [8, 16, 32]
+  assert table["beats"]["truncate"][:3] == [True] * 3 and table["beats"]["pca"][:3] == [False] * 3
+  assert len(below) == 1 and f"at dims {worse} (" in below[0] and "neighbor_recall@10" in below[0]
+
+
+def test_no_warning_where_the_adaptor_is_at_least_every_baseline(files, tmp_path):
+  # PCA start, a learning rate that drifts: the export falls back to step 0 (uncentred PCA).
+  _, _, _, export_dir, below = _selected_run(files, str(tmp_path), adaptor={"init": "pca"},
+                                             optim={"learning_rate": 3e-2})
+  table = Encoder.load(export_dir).metadata["baselines"]["metrics"]["neighbor_recall"]
+  assert all(all(flags) for flags in table["beats"].values()) and below == []
+
+
+def test_a_tampered_or_inconsistent_baseline_record_is_refused(trained):
+  from mrl_jax.bundle import artifact
+
+  _, result, _ = trained
+  meta = artifact.read_metadata(result["export_dir"])
+  dims = meta["matryoshka_dimensions"]
+  artifact.validate_baselines(meta["baselines"], dims, "x")
+  table = meta["baselines"]["metrics"]["neighbor_recall"]
+  flipped = {**table, "beats": {**table["beats"], "pca": [not f for f in table["beats"]["pca"]]}}
+  bad = {**meta["baselines"], "metrics": {"neighbor_recall": flipped}}
+  with pytest.raises(artifact.BundleError, match="beats.pca"):
+    artifact.validate_baselines(bad, dims, "x")
+  with pytest.raises(artifact.BundleError, match="dims"):
+    artifact.validate_baselines({**meta["baselines"], "dims": dims[:-1]}, dims, "x")
+  with pytest.raises(artifact.BundleError, match="changed since export"):
+    artifact.validate_metadata({**meta, "baselines": {**meta["baselines"], "num_eval_rows": 1}},
+                               "x")  # the digest covers the record
+
+
+@pytest.mark.parametrize("rank_weight, metric", [(0.0, "neighbor_recall"), (0.05, "pair_ndcg")])
+def test_selection_score_is_the_trained_for_metric_averaged_over_the_selection_dims(
+    files, tmp_path, rank_weight, metric):
+  config = experiments.task_spec(_config(files["x"], queries_file=files["queries"],
+                                         pairs_file=files["pairs"], rank_weight=rank_weight,
+                                         select_max_dim=20))
+  task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
+  assert task.selection_metric == metric and task.selection_dims == (8, 16)
+  ev = task.evaluate(task.init_variables(jax.random.PRNGKey(0)))
+  assert ev["selection_score"] == pytest.approx(np.mean(ev[f"{metric}_per_dim"][:2]))
