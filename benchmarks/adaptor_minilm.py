@@ -230,8 +230,9 @@ def main():
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--hidden", type=int, nargs="*", default=[])
-  parser.add_argument("--init", choices=("identity", "pca"), default="pca",
-                      help="pca: start the linear adaptor (--hidden with no width) from PCA")
+  parser.add_argument("--init", choices=("identity", "pca", "pca_centred"), default="pca",
+                      help="pca / pca_centred: start the linear adaptor (--hidden with no "
+                           "width) from uncentred / centred PCA")
   parser.add_argument("--lr", type=float, default=3e-4)
   parser.add_argument("--select_max_dim", type=int, default=None,
                       help="select the step by the held-out metric at dims <= this (default: "

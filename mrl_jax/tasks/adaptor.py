@@ -63,7 +63,7 @@ _SPLIT_TAG = 0x5EED  # the held-out rows depend on N only, not on config.seed
 _ROWS_TAG, _PAIRS_TAG = 1, 2
 PCA_MAX_ROWS = 50_000  # PCA baselines are fit on at most this many training rows
 EVAL_CHUNK = 1024  # rows per jitted adaptor call in evaluation (one compiled shape)
-INITS = ("identity", "pca")  # config.adaptor.init
+INITS = ("identity", "pca", "pca_centred")  # config.adaptor.init
 TEXT_ENCODER_DIR = "text_encoder"  # the copied text bundle inside a composed export
 METRICS = ("neighbor_recall", "pair_recall", "pair_ndcg")
 BASELINES = ("truncate", "pca", "pca_uncentred")
@@ -273,8 +273,8 @@ class AdaptorTask(base.Task):
     config.adaptor.hidden = tuple(hidden)
     config_lib.choice(config.adaptor.activation, "adaptor.activation", tuple(ACTIVATIONS))
     config_lib.choice(config.adaptor.init, "adaptor.init", INITS)
-    if config.adaptor.init == "pca" and config.adaptor.hidden:
-      raise ValueError(f"config.adaptor.init='pca' needs config.adaptor.hidden=() (a linear "
+    if config.adaptor.init != "identity" and config.adaptor.hidden:
+      raise ValueError(f"config.adaptor.init={config.adaptor.init!r} needs config.adaptor.hidden=() (a linear "
                        f"adaptor), got {config.adaptor.hidden}")
     config_lib.positive_int(config.k, "k")
     if config.k > config.batch_size - 1:
@@ -352,20 +352,26 @@ class AdaptorTask(base.Task):
     return self.model.init(rng, jnp.zeros((1, self.embed_dim), jnp.float32))
 
   def pretrained_variables(self) -> base.Variables | None:
-    """With ``config.adaptor.init="pca"``: the linear adaptor that starts as uncentred PCA.
+    """With ``config.adaptor.init="pca"`` / ``"pca_centred"``: the linear adaptor that starts
+    as the ``pca_uncentred`` / ``pca`` baseline.
 
-    ``f(e) = e + e W + b`` with ``W = V^T - I``, ``b = 0`` and ``V`` the principal
-    axes of the training rows (:func:`~mrl_jax.evaluate.adaptor.fit_pca`,
-    ``center=False``, the rows of ``V`` sorted by variance): ``f(e) = e V^T``, an
-    orthogonal map (full-size cosines kept exactly) whose ``m``-prefix is PCA to
-    ``m`` dims. Training then starts from the PCA baseline instead of truncation.
+    ``f(e) = e + e W + b`` with ``W = V^T - I``, ``b = -mu V^T`` and ``V`` the
+    principal axes of the training rows (:func:`~mrl_jax.evaluate.adaptor.fit_pca`,
+    the rows of ``V`` sorted by variance), ``mu`` their mean (``"pca_centred"``) or 0
+    (``"pca"``, ``center=False``): ``f(e) = (e - mu) V^T``, whose ``m``-prefix is PCA to
+    ``m`` dims. Uncentred, ``f`` is orthogonal (full-size cosines kept exactly);
+    centred, the translation by ``mu`` changes cosines but classical PCA's prefixes
+    are what the step starts from. Training then starts from that baseline instead
+    of truncation.
     """
-    if self.config.adaptor.init != "pca":
+    init = self.config.adaptor.init
+    if init == "identity":
       return None
-    axes = fit_pca(self._pca_rows(), center=False).components
-    kernel = axes.T - np.eye(self.embed_dim, dtype=np.float32)
+    fit = fit_pca(self._pca_rows(), center=init == "pca_centred")
+    kernel = fit.components.T - np.eye(self.embed_dim, dtype=np.float32)
+    bias = -fit.mean @ fit.components.T
     return {"params": {"out": {"kernel": kernel.astype(np.float32),
-                               "bias": np.zeros(self.embed_dim, np.float32)}}}
+                               "bias": bias.astype(np.float32)}}}
 
   def _pca_rows(self) -> np.ndarray:
     """At most :data:`PCA_MAX_ROWS` training rows (a fixed random subset), for PCA fits."""

@@ -298,12 +298,13 @@ class AdaptorModelSpec:
   Attributes:
     hidden: hidden widths of ``g`` (``()``: linear).
     activation: between hidden layers.
-    init: ``"pca"`` (linear only: start at the PCA rotation) or ``"identity"``.
+    init: ``"pca"`` (linear only: start at the uncentred-PCA rotation), ``"pca_centred"``
+      (linear only: start at classical, centred PCA) or ``"identity"``.
   """
 
   hidden: tuple[int, ...] = ()
   activation: Literal["relu", "gelu", "silu", "tanh", "identity"] = "relu"
-  init: Literal["identity", "pca"] = "pca"
+  init: Literal["identity", "pca", "pca_centred"] = "pca"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -165,15 +165,16 @@ def test_supervised_loss_is_adaptor_loss_and_pairs_are_split_by_held_out_documen
   assert ev["pair_recall_per_dim"].shape == (2,) and 0 <= ev["pair_ndcg_per_dim"][1] <= 1
 
 
-def test_pca_init_starts_as_uncentred_pca_of_the_training_rows(files, tmp_path):
+@pytest.mark.parametrize("init,center", [("pca", False), ("pca_centred", True)])
+def test_pca_init_starts_as_pca_of_the_training_rows(files, tmp_path, init, center):
   from mrl_jax.evaluate.adaptor import fit_pca
 
-  config = experiments.task_spec(_config(files["x"], adaptor={"init": "pca"}))
+  config = experiments.task_spec(_config(files["x"], adaptor={"init": init}))
   task = AdaptorTask(config, workdir=str(tmp_path), mesh=sharding_lib.make_mesh())
   assert AdaptorTask(experiments.task_spec(_config(files["x"])), workdir=str(tmp_path),
                      mesh=sharding_lib.make_mesh()).pretrained_variables() is None
   x = task.data.embeddings
-  pca = fit_pca(x[task.data.train_rows], center=False)
+  pca = fit_pca(x[task.data.train_rows], center=center)
   np.testing.assert_allclose(task.adapt(task.pretrained_variables()["params"], x[:50]),
                              pca(x[:50]), atol=1e-5)
 
