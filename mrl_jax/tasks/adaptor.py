@@ -274,8 +274,8 @@ class AdaptorTask(base.Task):
     config_lib.choice(config.adaptor.activation, "adaptor.activation", tuple(ACTIVATIONS))
     config_lib.choice(config.adaptor.init, "adaptor.init", INITS)
     if config.adaptor.init != "identity" and config.adaptor.hidden:
-      raise ValueError(f"config.adaptor.init={config.adaptor.init!r} needs config.adaptor.hidden=() (a linear "
-                       f"adaptor), got {config.adaptor.hidden}")
+      raise ValueError(f"config.adaptor.init={config.adaptor.init!r} needs "
+                       f"config.adaptor.hidden=() (a linear adaptor), got {config.adaptor.hidden}")
     config_lib.positive_int(config.k, "k")
     if config.k > config.batch_size - 1:
       raise ValueError(f"config.k={config.k} must be < config.batch_size={config.batch_size} "
