@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.binary_weight = 0.0
   config.binary_estimator = "tanh"
   config.binary_temperature = 1.0
+  # The evaluation's binary funnel: a ubinary (Hamming) shortlist of shortlist_k items at each
+  # nested dim, re-ranked in float at the full dim to 10 (ubinary_rerank_recall@10); clipped
+  # to the number of eval pairs.
+  config.shortlist_k = 100
 
   # Optimisation.
   config.optim.learning_rate = 1e-3

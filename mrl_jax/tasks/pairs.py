@@ -50,7 +50,12 @@ from mrl_jax.data.text import (
 from mrl_jax.data.text import (
   eval_data as eval_data_files,
 )
-from mrl_jax.evaluate.text import code_metric_names, evaluate_text, retrieval_metric_names
+from mrl_jax.evaluate.text import (
+    RERANK_METRIC,
+    code_metric_names,
+    evaluate_text,
+    retrieval_metric_names,
+)
 from mrl_jax.losses import binary as binary_losses
 from mrl_jax.losses import (
   binary_relaxed_in_batch_softmax,
@@ -490,14 +495,15 @@ class PairsTask(base.Task):
 
   def evaluate(self, variables: base.Variables) -> dict[str, Any]:
     return evaluate_text(functools.partial(self.embed_texts, variables["params"]), self.dims,
-                         scored=self._scored, pairs=self._eval_pairs)
+                         scored=self._scored, pairs=self._eval_pairs,
+                         shortlist_k=self.config.shortlist_k)
 
   def eval_metric_names(self) -> list[str]:
     names = []
     if self.config.eval_file:
       names.append("spearman")
     if self.config.eval_pairs_file:
-      names += retrieval_metric_names() + code_metric_names()
+      names += retrieval_metric_names() + code_metric_names() + [RERANK_METRIC]
     return [f"{n}/dim_{m}" for n in names for m in self.dims]
 
   def checkpoint_metadata(self) -> dict[str, Any]:
@@ -596,8 +602,13 @@ class PairsTask(base.Task):
     return out or None
 
 
+# The evaluation's binary shortlist size when a saved config predates config.shortlist_k.
+DEFAULT_SHORTLIST_K = 100
+
+
 def _validate_binary_aware(config: ml_collections.ConfigDict) -> None:
-  """The binary-aware fields (``.get``: configs saved before them resume with them off)."""
+  """The binary-aware fields and the evaluation's ``shortlist_k`` (``.get``: configs saved
+  before them resume with them off / the default)."""
   on = False
   for name in ("spread_out_weight", "binary_weight"):
     on |= config_lib.non_negative(config.get(name, 0.0), name) > 0
@@ -607,6 +618,10 @@ def _validate_binary_aware(config: ml_collections.ConfigDict) -> None:
   if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
           and np.isfinite(temperature) and temperature > 0):
     raise ValueError(f"config.binary_temperature={temperature!r} must be a finite number > 0")
+  shortlist_k = config.get("shortlist_k", DEFAULT_SHORTLIST_K)
+  if isinstance(shortlist_k, bool) or not isinstance(shortlist_k, int) or shortlist_k < 10:
+    raise ValueError(f"config.shortlist_k={shortlist_k!r} must be an int >= 10 (the binary "
+                     "shortlist re-ranked to 10 in the evaluation)")
   if on and config.loss == "2d":
     raise ValueError("config.spread_out_weight / config.binary_weight work with config.loss "
                      "'fused' or 'matryoshka', not '2d' (the 2-D loss samples layers; the "

@@ -233,6 +233,9 @@ class PairsSpec(TaskSpec):
   binary_weight: float = 0.0
   binary_estimator: Literal["tanh", "ste"] = "tanh"
   binary_temperature: float = 1.0
+  # The evaluation's ubinary shortlist re-ranked in float at the full dim (>= 10; clipped
+  # to the eval pairs; mrl_jax.evaluate.text.binary_rerank_per_dim).
+  shortlist_k: int = 100
   mini_batch_size: int | None = None
   eval_batch_size: int = 64
   export: ExportSpec = ExportSpec()
