@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   # the in-batch softmax on relaxed sign codes, "tanh" (tanh(u / binary_temperature)) or
   # "ste" (sign, straight-through). "fused" / "matryoshka" losses only.
   add_binary_aware(config)
+  # The evaluation's binary funnel: a ubinary (Hamming) shortlist of shortlist_k items at each
+  # nested dim, re-ranked in float at the full dim to 10 (ubinary_rerank_recall@10); clipped
+  # to the number of eval pairs.
+  config.shortlist_k = 100
 
   # Optimisation.
   config.optim.learning_rate = 1e-3

@@ -21,11 +21,15 @@ Then the text comparison (:func:`run_text_demo`, ``--text_config``, default
 ``configs/text_stdlib.py``; ``--notext`` skips it) in ``DIR/text``: real code
 search on the Python standard library (docstring summary -> source), where
 all-MiniLM-L6-v2 as shipped, fine-tuned without Matryoshka and fine-tuned with
-it are compared at every nested dim by recall@10 and MRR@10 on held-out modules.
+it are compared at every nested dim by recall@10 and MRR@10 on held-out modules, and
+the shipped, MRL and MRL + binary-aware models (the MRL run with the binary-aware loss
+terms, :data:`TEXT_BINARY_AWARE`) by float / int8 / ``ubinary`` nDCG@10 and recall@10
+and a binary shortlist re-ranked in float (:func:`format_binary_tables`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -43,14 +47,33 @@ from mrl_jax.data.text import read_text_pairs
 from mrl_jax.evaluate import plots, probe
 from mrl_jax.evaluate.encoder import evaluate_workdir
 from mrl_jax.evaluate.report import format_table as format_evaluation
-from mrl_jax.evaluate.text import pair_retrieval_per_dim
+from mrl_jax.evaluate.text import evaluate_text
 from mrl_jax.train import config as config_lib
 from mrl_jax.train import loop, optim, sharding
 
 ROWS = (("mrl", "MRL"), ("mrl_e", "MRL-E"), ("ff", "FF-k"), ("truncated", "ordinary, truncated"))
 TEXT_ROWS = (("shipped", "as shipped, truncated"), ("no_mrl", "fine-tuned, no MRL, truncated"),
-             ("mrl", "fine-tuned with MRL"))
+             ("mrl", "fine-tuned with MRL"), ("mrl_binary", "MRL + binary-aware"))
 TEXT_METRICS = (("recall_at_10", "recall@10 %"), ("mrr_at_10", "MRR@10 x 100"))
+# The binary-aware loss terms of the "mrl_binary" run (mrl_jax.losses.binary), chosen by a
+# short sweep on the stdlib corpus (docs/binary-training.md); the "mrl" run has them off.
+TEXT_BINARY_AWARE = dict(spread_out_weight=0.1, binary_weight=0.5, binary_estimator="tanh",
+                         binary_temperature=1.0)
+_BINARY_OFF = dict(spread_out_weight=0.0, binary_weight=0.0)
+# results.json key -> evaluate_text's key (less "_per_dim"), for every row.
+TEXT_RESULT_KEYS = (
+    ("recall_at_1", "cosine_recall@1"), ("recall_at_10", "cosine_recall@10"),
+    ("mrr_at_10", "cosine_mrr@10"), ("ndcg_at_10", "cosine_ndcg@10"),
+    ("int8_recall_at_10", "int8_symmetric_recall@10"),
+    ("int8_ndcg_at_10", "int8_symmetric_ndcg@10"),
+    ("ubinary_recall_at_10", "ubinary_recall@10"), ("ubinary_ndcg_at_10", "ubinary_ndcg@10"),
+    ("ubinary_rerank_recall_at_10", "ubinary_rerank_recall@10"))
+# The per-dim tables of the binary comparison: its rows and columns (results.json keys).
+BINARY_ROWS = (("shipped", "as shipped"), ("mrl", "MRL"), ("mrl_binary", "MRL + binary-aware"))
+BINARY_COLUMNS = (("ndcg_at_10", "float"), ("int8_ndcg_at_10", "int8"),
+                  ("ubinary_ndcg_at_10", "ubinary"), ("recall_at_10", "float"),
+                  ("int8_recall_at_10", "int8"), ("ubinary_recall_at_10", "ubinary"),
+                  ("ubinary_rerank_recall_at_10", "bin->flt"))
 
 
 def _variant(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
@@ -138,8 +161,10 @@ def plot_results(results: dict[str, Any], path: str) -> None:
 
 
 def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
-                  eval_pairs: int | None = None, progress: bool = True) -> dict[str, Any]:
-  """A pretrained text encoder as shipped vs fine-tuned without and with Matryoshka.
+                  eval_pairs: int | None = None, progress: bool = True,
+                  binary_aware: dict[str, Any] | None = None) -> dict[str, Any]:
+  """A pretrained text encoder as shipped vs fine-tuned without and with Matryoshka, and
+  with Matryoshka plus the binary-aware loss terms.
 
   ``config`` is a pairs-task config (``configs/text_stdlib.py``). In ``workdir``:
 
@@ -150,15 +175,20 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
     on every call;
   * ``no_mrl``: fine-tuned with the loss at the single dim ``D`` (nesting ``(D,)``:
     the plain in-batch softmax), the ordinary fine-tune;
-  * ``mrl``: fine-tuned with the nested loss at ``config.nesting.dims``.
+  * ``mrl``: fine-tuned with the nested loss at ``config.nesting.dims`` (binary-aware
+    terms off: ``spread_out_weight = binary_weight = 0``);
+  * ``mrl_binary``: the ``mrl`` run with the binary-aware terms ``binary_aware`` on.
 
-  Both runs go through :func:`mrl_jax.train.loop.train_and_evaluate` (a run
+  The runs go through :func:`mrl_jax.train.loop.train_and_evaluate` (a run
   already finished in ``workdir`` is restored, not retrained) with no
   evaluation in the loop. Each exported bundle then embeds the held-out pairs
   at full width (:meth:`mrl_jax.bundle.encoder.Encoder.embed`, ``normalize=False``)
-  and :func:`mrl_jax.evaluate.text.pair_retrieval_per_dim` truncates to each
-  nested dim, L2-normalises and ranks: every summary retrieves its source among
-  all the sources of the evaluated pairs.
+  and :func:`mrl_jax.evaluate.text.evaluate_text` truncates to each nested dim,
+  L2-normalises (and quantises, for the ``int8_symmetric`` / ``ubinary`` codes) and
+  ranks: every summary retrieves its source among all the sources of the evaluated
+  pairs; the binary funnel shortlists ``config.shortlist_k`` sources by Hamming
+  distance at that dim and re-ranks them in float at the full dim
+  (:func:`mrl_jax.evaluate.text.binary_rerank_per_dim`).
 
   Args:
     config: the pairs config; ``config.eval_pairs_file`` names the held-out pairs.
@@ -166,15 +196,22 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
     eval_pairs: evaluate this many pairs drawn (seed 0) from the held-out file;
       None: all of them.
     progress: print progress and the time of each part.
+    binary_aware: the ``mrl_binary`` run's config overrides (None:
+      :data:`TEXT_BINARY_AWARE`); it must turn ``spread_out_weight`` or
+      ``binary_weight`` on.
 
   Returns:
-    ``{"model", "dims", "eval_file", "eval_pairs", "recall_at_1", "recall_at_10",
-    "mrr_at_10"}``, each metric ``{row: [M] floats}`` for the rows of
-    :data:`TEXT_ROWS`; also written to ``workdir/results.json``.
+    ``{"model", "dims", "eval_file", "eval_pairs", "shortlist_k", "binary_aware", <metric>}``
+    for every ``<metric>`` of :data:`TEXT_RESULT_KEYS` (``recall_at_10``, ``ndcg_at_10``,
+    ``ubinary_ndcg_at_10``, ``ubinary_rerank_recall_at_10``, ...), each
+    ``{row: [M] floats}`` for the rows of :data:`TEXT_ROWS`; ``shortlist_k`` is the binary
+    shortlist used (``config.shortlist_k``, at most the evaluated pairs). Also written to
+    ``workdir/results.json``.
 
   Raises:
     ValueError: a config that is not the pairs task's or has no
-      ``eval_pairs_file``; ``eval_pairs`` not a positive int.
+      ``eval_pairs_file``; ``eval_pairs`` not a positive int; fewer than 10 evaluated
+      pairs; ``binary_aware`` not a dict of config fields with a binary-aware weight on.
   """
 
   config = experiments.validate_config(_variant(config))
@@ -185,12 +222,25 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
   if eval_pairs is not None and (isinstance(eval_pairs, bool) or not isinstance(eval_pairs, int)
                                  or eval_pairs < 1):
     raise ValueError(f"eval_pairs={eval_pairs!r} must be a positive int or None")
+  binary_aware = TEXT_BINARY_AWARE if binary_aware is None else binary_aware
+  if not isinstance(binary_aware, dict):
+    raise ValueError(f"binary_aware={binary_aware!r} must be a dict of config fields")
+  binary_aware = dict(binary_aware)
+  binary_config = experiments.validate_config(_variant(config, **binary_aware))  # names a bad field
+  if max(binary_config.spread_out_weight, binary_config.binary_weight) <= 0:
+    raise ValueError(f"binary_aware={binary_aware!r} must turn spread_out_weight or "
+                     "binary_weight on (the MRL + binary-aware row)")
   dims, width = list(config.nesting.dims), int(config.encoder.embed_dim)
   held_out = read_text_pairs(config.eval_pairs_file)
   if eval_pairs is not None and eval_pairs < len(held_out):
     held_out = held_out.select(np.sort(np.random.default_rng(0).permutation(len(held_out))
                                        [:eval_pairs]))
-  train_config = _variant(config, eval_file=None, eval_pairs_file=None)
+  if len(held_out) < 10:
+    raise ValueError(f"{config.eval_pairs_file}: {len(held_out)} held-out pairs evaluated; "
+                     "recall@10 needs at least 10")
+  shortlist_k = min(int(config.shortlist_k), len(held_out))
+  train_config = _variant(config, eval_file=None, eval_pairs_file=None, **_BINARY_OFF)
+  binary_config = _variant(binary_config, eval_file=None, eval_pairs_file=None)
   plain = _variant(train_config)
   plain.nesting.dims, plain.nesting.weights = (width,), None
 
@@ -200,7 +250,7 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
   # engine truncates it as if it were trained at the nested dims.
   bundles = {"shipped": _export_untrained(plain, os.path.join(workdir, "shipped"))}
   _say(progress, f"== exported the encoder as shipped ({time.perf_counter() - tick:.0f} s)")
-  for key, variant in (("no_mrl", plain), ("mrl", train_config)):
+  for key, variant in (("no_mrl", plain), ("mrl", train_config), ("mrl_binary", binary_config)):
     tick = time.perf_counter()
     _say(progress, f"== fine-tuning {key} (nested dims {list(variant.nesting.dims)})")
     result = experiments.train_and_evaluate(variant, os.path.join(workdir, key),
@@ -213,16 +263,17 @@ def run_text_demo(config: ml_collections.ConfigDict, workdir: str, *,
   results: dict[str, Any] = {
       "model": config.model_dir or "random BERT", "dims": dims,
       "eval_file": os.path.abspath(config.eval_pairs_file), "eval_pairs": len(held_out),
-      "recall_at_1": {}, "recall_at_10": {}, "mrr_at_10": {}}
+      "shortlist_k": shortlist_k, "binary_aware": binary_aware,
+      **{name: {} for name, _ in TEXT_RESULT_KEYS}}
   for key, _ in TEXT_ROWS:
     encoder = Encoder.load(bundles[key])
-    metrics = pair_retrieval_per_dim(_embed_by_length(encoder, held_out.anchors),
-                                     _embed_by_length(encoder, held_out.positives), dims)
-    for name, st_name in (("recall_at_1", "cosine_recall@1"), ("recall_at_10", "cosine_recall@10"),
-                          ("mrr_at_10", "cosine_mrr@10")):
-      results[name][key] = [float(v) for v in metrics[f"{st_name}_per_dim"]]
-  _say(progress, f"== evaluated the three encoders on {len(held_out)} held-out pairs "
-       f"({time.perf_counter() - tick:.0f} s)")
+    metrics = evaluate_text(functools.partial(_embed_by_length, encoder), dims,
+                            pairs=(held_out.anchors, held_out.positives),
+                            shortlist_k=shortlist_k)
+    for name, eval_name in TEXT_RESULT_KEYS:
+      results[name][key] = [float(v) for v in metrics[f"{eval_name}_per_dim"]]
+  _say(progress, f"== evaluated the {len(TEXT_ROWS)} encoders on {len(held_out)} held-out "
+       f"pairs ({time.perf_counter() - tick:.0f} s)")
   loop.write_json(workdir, "results.json", results)
   return results
 
@@ -272,6 +323,40 @@ def format_text_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def format_binary_tables(results: dict[str, Any]) -> str:
+  """One table per nested dim: float / int8 / ubinary nDCG@10 and recall@10 and the binary
+  shortlist -> float re-rank recall@10 (x 100) of the :data:`BINARY_ROWS`; then the goals
+  of binary-aware Matryoshka measured on these numbers (printed, not asserted)."""
+  width = max(len(label) for _, label in BINARY_ROWS) + 2
+  lines = [f"float / int8 / ubinary retrieval x 100 per nested dim; bin->flt: a "
+           f"{results['shortlist_k']}-item Hamming shortlist at that dim re-ranked in float "
+           f"at {results['dims'][-1]} dims (recall@10)"]
+  for i, m in enumerate(results["dims"]):
+    lines += ["", f"dim {m}".ljust(width) + f"{'nDCG@10':^24}{'recall@10':^32}",
+              "".ljust(width) + "".join(f"{title:>8}" for _, title in BINARY_COLUMNS)]
+    for row, label in BINARY_ROWS:
+      lines.append(label.ljust(width) + "".join(f"{100 * results[key][row][i]:8.1f}"
+                                                for key, _ in BINARY_COLUMNS))
+  return "\n".join(lines + ["", *binary_goals(results)])
+
+
+def binary_goals(results: dict[str, Any]) -> list[str]:
+  """The issue's three goals on the ``mrl_binary`` row, one line each (met or missed)."""
+  ndcg, recall = results["ndcg_at_10"], results["recall_at_10"]
+  gap = results["ubinary_ndcg_at_10"]["mrl_binary"][-1] - ndcg["mrl_binary"][-1]
+  ratio = results["ubinary_rerank_recall_at_10"]["mrl_binary"][-1] / max(
+      recall["mrl_binary"][-1], 1e-12)
+  drop = max(b - a for a, b in zip(ndcg["mrl_binary"], ndcg["mrl"], strict=True))
+  verdict = lambda ok: "met" if ok else "MISSED"
+  d = results["dims"][-1]
+  return [
+      f"goal: ubinary - float nDCG@10 at {d} dims >= -0.020: {gap:+.3f} ({verdict(gap >= -0.02)})",
+      f"goal: bin->flt / float recall@10 at {d} dims >= 0.95: {ratio:.3f} "
+      f"({verdict(ratio >= 0.95)})",
+      f"goal: float nDCG@10 at every dim within 0.010 of MRL: largest drop {drop:+.3f} "
+      f"({verdict(drop <= 0.01)})"]
+
+
 def _say(enabled: bool, text: str) -> None:
   if enabled:
     print(text, flush=True)
@@ -283,16 +368,17 @@ def main(argv: Sequence[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
-  results = run_demo(flags.FLAGS.config, flags.FLAGS.workdir)
   workdir = flags.FLAGS.workdir
-  print("\nMRL model, nested embedding (database = train split, queries = test split):")
-  print(format_evaluation(results["evaluation"]))
-  print()
-  print(format_table(results))
-  print(f"\nwrote {os.path.join(workdir, 'results.json')}, results.png, "
-        f"the MRL encoder bundle {os.path.join(workdir, 'mrl', 'encoder')} and "
-        f"{os.path.join(workdir, 'mrl', 'eval', 'metrics.json')} "
-        f"({time.perf_counter() - start:.0f} s)")
+  if flags.FLAGS.digits:
+    results = run_demo(flags.FLAGS.config, workdir)
+    print("\nMRL model, nested embedding (database = train split, queries = test split):")
+    print(format_evaluation(results["evaluation"]))
+    print()
+    print(format_table(results))
+    print(f"\nwrote {os.path.join(workdir, 'results.json')}, results.png, "
+          f"the MRL encoder bundle {os.path.join(workdir, 'mrl', 'encoder')} and "
+          f"{os.path.join(workdir, 'mrl', 'eval', 'metrics.json')} "
+          f"({time.perf_counter() - start:.0f} s)")
   if flags.FLAGS.text:
     tick = time.perf_counter()
     text_dir = os.path.join(workdir, "text")
@@ -300,8 +386,11 @@ def main(argv: Sequence[str]) -> None:
                          eval_pairs=flags.FLAGS.text_eval_pairs or None)
     print()
     print(format_text_table(text))
+    print()
+    print(format_binary_tables(text))
     print(f"\nwrote {os.path.join(text_dir, 'results.json')} and the bundles "
-          f"{text_dir}/{{shipped,no_mrl,mrl}}/encoder ({time.perf_counter() - tick:.0f} s)")
+          f"{text_dir}/{{{','.join(row for row, _ in TEXT_ROWS)}}}/encoder "
+          f"({time.perf_counter() - tick:.0f} s)")
     tick = time.perf_counter()
     from mrl_jax.search.demo import search_demo  # the search extra, imported only here
 
@@ -317,6 +406,8 @@ if __name__ == "__main__":
 
   flags.DEFINE_string("workdir", "workdir/demo", "Where every run and the results go.")
   config_flags.DEFINE_config_file("config", "configs/digits_mlp.py", "Base config.")
+  flags.DEFINE_bool("digits", True, "Run the digits comparison (run_demo) in WORKDIR; "
+                    "--nodigits: the text comparison only.")
   flags.DEFINE_bool("text", True, "Also run the text comparison (run_text_demo) in WORKDIR/text.")
   config_flags.DEFINE_config_file(
       "text_config", "configs/text_stdlib.py",

@@ -1,6 +1,7 @@
 """Text-embedding metrics per nested dim: pair retrieval (sentence-transformers'
 ``InformationRetrievalEvaluator`` metrics: accuracy/recall@k, MRR@10, nDCG@10), the same
 retrieval over ``ubinary`` / ``int8_symmetric`` codes of each prefix (recall@10, nDCG@10),
+a ``ubinary`` shortlist of each prefix re-ranked in float at the full dim (recall@10),
 STS Spearman, and their per-dim plot.
 
 Both evaluators see only an ``embed(texts) -> [N, D]`` function (big_vision's
@@ -18,6 +19,7 @@ from mrl_jax.core import ops
 from mrl_jax.core.nesting import Nesting
 from mrl_jax.evaluate import codes as codes_lib
 from mrl_jax.evaluate import metrics, sts
+from mrl_jax.evaluate.retrieval import cascade_retrieval
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 
@@ -173,6 +175,53 @@ def code_retrieval_per_dim(anchors: np.ndarray, positives: np.ndarray, dims: Seq
   return {f"{name}_per_dim": np.asarray(v) for name, v in per_dim.items()}
 
 
+# The binary-shortlist -> float re-rank metric (the funnel the binary goals are stated in).
+RERANK_METRIC = "ubinary_rerank_recall@10"
+RERANK_K = 10
+
+
+def binary_rerank_per_dim(anchors: np.ndarray, positives: np.ndarray, dims: Sequence[int], *,
+                          shortlist_k: int) -> dict[str, np.ndarray]:
+  """Recall@10 of a binary shortlist at each nested size, re-ranked in float at the full dim.
+
+  The paper's adaptive retrieval (shortlist dim ``D_s``, re-rank dim ``D_r = D``) with a
+  binary first stage, run by :func:`mrl_jax.evaluate.retrieval.cascade_retrieval`
+  (``dims=(m, D)``, ``keeps=(shortlist_k, 10)``, ``shortlist_codes="ubinary"``): for size
+  ``m`` every positive is stored as the ``ubinary`` sign bits of its normalised
+  ``m``-prefix (``ceil(m / 8)`` bytes); anchor ``i`` keeps the ``shortlist_k`` positives
+  nearest in Hamming distance to its own code (ties: the smaller id first), re-ranks
+  them by float cosine at the full dim ``D`` and keeps 10 (ties: the shortlist's order).
+  ``ubinary_rerank_recall@10 = mean_i [positive i among them]``. At ``m = D`` it is the
+  full dim's bits -> float funnel (384 bits, 48 bytes, for MiniLM).
+
+  Args:
+    anchors: ``[N, D]``; positives: ``[N, D]``, ``positives[i]`` the match of ``anchors[i]``.
+    dims: nested sizes ``<= D``.
+    shortlist_k: the shortlist size ``K``, an int in ``[10, N]``.
+
+  Returns:
+    ``{"ubinary_rerank_recall@10_per_dim": [M] float64}``.
+
+  Raises:
+    ValueError: shapes differ, are not 2-D, hold NaN/inf, ``N < 10``, or ``shortlist_k``
+      outside ``[10, N]``.
+  """
+  anchors, positives = _check_pairs(anchors, positives)
+  n, width = anchors.shape
+  dims = Nesting(tuple(dims), embed_dim=width).dims
+  if isinstance(shortlist_k, bool) or not isinstance(shortlist_k, (int, np.integer)) or not (
+      RERANK_K <= shortlist_k <= n):
+    raise ValueError(f"shortlist_k must be an int in [{RERANK_K}, N={n}] (the evaluated "
+                     f"pairs), got {shortlist_k!r}")
+  queries, database = anchors.astype(np.float32), positives.astype(np.float32)
+  recall = []
+  for m in dims:
+    found = cascade_retrieval(queries, database, (m, width), (int(shortlist_k), RERANK_K),
+                              shortlist_codes="ubinary", timed=False).ids
+    recall.append(float(np.mean(np.any(np.asarray(found) == np.arange(n)[:, None], axis=1))))
+  return {f"{RERANK_METRIC}_per_dim": np.asarray(recall)}
+
+
 def plot_text_metrics(results: dict[str, np.ndarray], dims: Sequence[int], path: str, *,
                       label: str = "model") -> str:
   """The per-dim plot of a text evaluation (as the image evaluation's accuracy_vs_dim.png):
@@ -190,7 +239,7 @@ def evaluate_text(embed: Embed, dims: Sequence[int], *,
                   scored: tuple[Sequence[str], Sequence[str], np.ndarray] | None = None,
                   pairs: tuple[Sequence[str], Sequence[str]] | None = None,
                   codes: Sequence[str] = codes_lib.CODE_KINDS,
-                  ) -> dict[str, np.ndarray]:
+                  shortlist_k: int | None = None) -> dict[str, np.ndarray]:
   """Spearman of cosine vs gold scores and pair retrieval, per nested size.
 
   Args:
@@ -199,12 +248,21 @@ def evaluate_text(embed: Embed, dims: Sequence[int], *,
     scored: ``(texts_a, texts_b, gold_scores [N])`` for Spearman.
     pairs: ``(anchors, positives)`` for :func:`pair_retrieval_per_dim`.
     codes: code kinds for :func:`code_retrieval_per_dim` on ``pairs`` (``()``: none).
+    shortlist_k: the shortlist size of :func:`binary_rerank_per_dim` on ``pairs``, an int
+      ``>= 10``, clipped to the number of pairs (None: not run; fewer than 10 pairs: not run).
 
   Returns:
     ``spearman_per_dim`` ``[M]`` when ``scored`` is given, and the
     :func:`pair_retrieval_per_dim` and :func:`code_retrieval_per_dim` entries when
-    ``pairs`` is given.
+    ``pairs`` is given; with ``shortlist_k``, also ``ubinary_rerank_recall@10_per_dim``
+    ``[M]`` and ``ubinary_rerank_shortlist_k`` (the size used, a float like every metric).
+
+  Raises:
+    ValueError: ``shortlist_k`` not an int >= 10 or None, or bad embeddings.
   """
+  if shortlist_k is not None and (isinstance(shortlist_k, bool) or not isinstance(
+      shortlist_k, (int, np.integer)) or shortlist_k < RERANK_K):
+    raise ValueError(f"shortlist_k must be an int >= {RERANK_K} or None, got {shortlist_k!r}")
   out: dict[str, np.ndarray] = {}
   if scored is not None:
     texts_a, texts_b, scores = scored
@@ -215,4 +273,8 @@ def evaluate_text(embed: Embed, dims: Sequence[int], *,
     out.update(pair_retrieval_per_dim(anchors, positives, dims))
     if codes:
       out.update(code_retrieval_per_dim(anchors, positives, dims, kinds=codes))
+    if shortlist_k is not None and len(anchors) >= RERANK_K:
+      k = min(int(shortlist_k), len(anchors))  # a small eval file: the whole database
+      out.update(binary_rerank_per_dim(anchors, positives, dims, shortlist_k=k))
+      out["ubinary_rerank_shortlist_k"] = float(k)
   return out

@@ -50,7 +50,12 @@ from mrl_jax.data.text import (
 from mrl_jax.data.text import (
   eval_data as eval_data_files,
 )
-from mrl_jax.evaluate.text import code_metric_names, evaluate_text, retrieval_metric_names
+from mrl_jax.evaluate.text import (
+    RERANK_METRIC,
+    code_metric_names,
+    evaluate_text,
+    retrieval_metric_names,
+)
 from mrl_jax.losses import (
   cached_value_and_grad,
   in_batch_softmax,
@@ -213,6 +218,7 @@ class PairsTask(base.Task):
                          "'fused' or 'matryoshka', not '2d'")
     if config.loss == "2d" and config.symmetric:
       raise ValueError("config.symmetric=True is not available with config.loss='2d'")
+    _validate_shortlist_k(config)
     if config_lib.validate_binary_aware(config) and config.loss == "2d":
       raise ValueError("config.spread_out_weight / config.binary_weight work with config.loss "
                        "'fused' or 'matryoshka', not '2d' (the 2-D loss samples layers; the "
@@ -492,14 +498,15 @@ class PairsTask(base.Task):
 
   def evaluate(self, variables: base.Variables) -> dict[str, Any]:
     return evaluate_text(functools.partial(self.embed_texts, variables["params"]), self.dims,
-                         scored=self._scored, pairs=self._eval_pairs)
+                         scored=self._scored, pairs=self._eval_pairs,
+                         shortlist_k=self.config.shortlist_k)
 
   def eval_metric_names(self) -> list[str]:
     names = []
     if self.config.eval_file:
       names.append("spearman")
     if self.config.eval_pairs_file:
-      names += retrieval_metric_names() + code_metric_names()
+      names += retrieval_metric_names() + code_metric_names() + [RERANK_METRIC]
     return [f"{n}/dim_{m}" for n in names for m in self.dims]
 
   def checkpoint_metadata(self) -> dict[str, Any]:
@@ -596,6 +603,18 @@ class PairsTask(base.Task):
           isinstance(v, (int, float)) for v in values):
         out[name] = [float(v) for v in values]
     return out or None
+
+
+# The evaluation's binary shortlist size when a saved config predates config.shortlist_k.
+DEFAULT_SHORTLIST_K = 100
+
+
+def _validate_shortlist_k(config: ml_collections.ConfigDict) -> None:
+  """``config.shortlist_k`` (``.get``: configs saved before it take the default)."""
+  shortlist_k = config.get("shortlist_k", DEFAULT_SHORTLIST_K)
+  if isinstance(shortlist_k, bool) or not isinstance(shortlist_k, int) or shortlist_k < 10:
+    raise ValueError(f"config.shortlist_k={shortlist_k!r} must be an int >= 10 (the binary "
+                     "shortlist re-ranked to 10 in the evaluation)")
 
 
 def eval_data(config: PairsSpec) -> tuple[Any, Any]:

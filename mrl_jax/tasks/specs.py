@@ -239,12 +239,10 @@ class PairsSpec(TaskSpec, BinaryAwareSpec):
     loss: ``"fused"``, ``"matryoshka"`` (unfused wrapper) or ``"2d"`` (dims x layers).
     symmetric: also positive -> anchor (MultipleNegativesSymmetricRankingLoss).
     n_layers_per_step: ``loss="2d"``: layers sampled per step.
-    spread_out_weight: weight (>= 0; 0: off) of the spread-out regularizer per nested dim
-      (:func:`~mrl_jax.losses.spread_out_regularizer`).
-    binary_weight: weight (>= 0; 0: off) of the in-batch softmax on relaxed sign codes
-      per nested dim (:func:`~mrl_jax.losses.binary_relaxed_in_batch_softmax`).
-    binary_estimator: ``"tanh"`` or ``"ste"`` (sign with a straight-through estimator).
-    binary_temperature: of the ``tanh`` / STE relaxation, > 0.
+    spread_out_weight, binary_weight, binary_estimator, binary_temperature: the
+      binary-aware terms on the anchors and positives (:class:`BinaryAwareSpec`).
+    shortlist_k: the evaluation's ``ubinary`` shortlist, re-ranked in float at the full
+      dim (>= 10; clipped to the eval pairs; :func:`mrl_jax.evaluate.text.binary_rerank_per_dim`).
     mini_batch_size: GradCache chunk (None: the whole batch at once).
     eval_batch_size: texts per evaluation batch.
     export: what the exported folder serves (:class:`ExportSpec`).
@@ -267,10 +265,7 @@ class PairsSpec(TaskSpec, BinaryAwareSpec):
   loss: Literal["fused", "matryoshka", "2d"] = "fused"
   symmetric: bool = False
   n_layers_per_step: int = 1
-  spread_out_weight: float = 0.0
-  binary_weight: float = 0.0
-  binary_estimator: Literal["tanh", "ste"] = "tanh"
-  binary_temperature: float = 1.0
+  shortlist_k: int = 100
   mini_batch_size: int | None = None
   eval_batch_size: int = 64
   export: ExportSpec = ExportSpec()

@@ -72,7 +72,9 @@ def test_bad_binary_aware_fields_name_the_field():
            ({"binary_weight": float("nan")}, "config.binary_weight"),
            ({"binary_estimator": "sign"}, "config.binary_estimator"),
            ({"binary_temperature": 0.0}, "config.binary_temperature"),
-           ({"binary_weight": 1.0, "loss": "2d"}, "not '2d'")]
+           ({"binary_weight": 1.0, "loss": "2d"}, "not '2d'"),
+           ({"shortlist_k": 9}, "config.shortlist_k"),
+           ({"shortlist_k": True}, "shortlist_k")]
   for overrides, match in cases:
     with pytest.raises(ValueError, match=match):
       experiments.validate_config(tiny_text_config(**overrides))
