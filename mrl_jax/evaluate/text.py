@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
 from mrl_jax.core import ops
@@ -214,10 +215,13 @@ def binary_rerank_per_dim(anchors: np.ndarray, positives: np.ndarray, dims: Sequ
     raise ValueError(f"shortlist_k must be an int in [{RERANK_K}, N={n}] (the evaluated "
                      f"pairs), got {shortlist_k!r}")
   queries, database = anchors.astype(np.float32), positives.astype(np.float32)
+  # One local device: every process evaluates the same gathered pairs on its own
+  # (an index over all processes' devices could not be read back here).
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), ("db",))
   recall = []
   for m in dims:
     found = cascade_retrieval(queries, database, (m, width), (int(shortlist_k), RERANK_K),
-                              shortlist_codes="ubinary", timed=False).ids
+                              shortlist_codes="ubinary", timed=False, mesh=mesh).ids
     recall.append(float(np.mean(np.any(np.asarray(found) == np.arange(n)[:, None], axis=1))))
   return {f"{RERANK_METRIC}_per_dim": np.asarray(recall)}
 
@@ -255,7 +259,7 @@ def evaluate_text(embed: Embed, dims: Sequence[int], *,
     ``spearman_per_dim`` ``[M]`` when ``scored`` is given, and the
     :func:`pair_retrieval_per_dim` and :func:`code_retrieval_per_dim` entries when
     ``pairs`` is given; with ``shortlist_k``, also ``ubinary_rerank_recall@10_per_dim``
-    ``[M]`` and ``ubinary_rerank_shortlist_k`` (the size used, a float like every metric).
+    ``[M]``.
 
   Raises:
     ValueError: ``shortlist_k`` not an int >= 10 or None, or bad embeddings.
@@ -276,5 +280,4 @@ def evaluate_text(embed: Embed, dims: Sequence[int], *,
     if shortlist_k is not None and len(anchors) >= RERANK_K:
       k = min(int(shortlist_k), len(anchors))  # a small eval file: the whole database
       out.update(binary_rerank_per_dim(anchors, positives, dims, shortlist_k=k))
-      out["ubinary_rerank_shortlist_k"] = float(k)
   return out
