@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mrl_jax.core import typed
 from mrl_jax.data import pipeline
 from mrl_jax.data.image_spec import (  # noqa: F401  (re-exported)
   CIFAR10_MEAN,
@@ -61,9 +62,7 @@ class ImageInput(ImageInputSpec):
     Raises:
       ValueError: naming ``config.input.FIELD``: unknown, of the wrong type, out of range.
     """
-    from mrl_jax.train import specs  # the typed parser (a layer above data: imported late)
-
-    return cls.from_spec(specs.parse(ImageInputSpec, dict(fields or {}), "config.input"))
+    return cls.from_spec(typed.parse(ImageInputSpec, dict(fields or {}), "config.input"))
 
   def train_size(self, epoch: int) -> int:
     """The training image side at 0-based ``epoch`` (``"imagenet"`` style)."""

@@ -25,13 +25,17 @@ one-line error naming the new place (:func:`check_no_moved_fields`).
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from mrl_jax.core.nesting import Nesting
+
+# The typed parser lives in core (data parses config.input with it too); its names stay
+# reachable here as specs.parse / specs.SpecError / specs.as_json.
+from mrl_jax.core.typed import SpecError as SpecError
+from mrl_jax.core.typed import as_json as as_json
+from mrl_jax.core.typed import parse as parse
+from mrl_jax.core.typed import typed_value
 
 MOVED = {
     "optimizer": "optim.optimizer", "learning_rate": "optim.learning_rate",
@@ -47,10 +51,6 @@ MOVED = {
     "best_mode": "checkpoint.best_mode",
     "allow_unverified_checkpoints": "checkpoint.allow_unverified",
 }
-
-
-class SpecError(ValueError):
-  """A config value that does not fit its spec (the message names ``config.FIELD``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,112 +243,6 @@ class TaskSpec:
   checkpoint: CheckpointSpec = dataclasses.field(default_factory=CheckpointSpec)
 
 
-def parse(cls: type, values: Mapping[str, Any], where: str) -> Any:
-  """``cls(**values)`` with every field's type checked against ``cls``'s annotations.
-
-  Args:
-    cls: one of the frozen spec dataclasses.
-    values: its fields (a ConfigDict or dict); missing ones take the defaults.
-    where: the config path for messages, e.g. ``"config.optim"``.
-
-  Raises:
-    SpecError: naming ``where.FIELD``: an unknown field (or one that moved), a
-      value of the wrong type, a closed choice out of its values, a bound broken.
-  """
-  hints = typing.get_type_hints(cls)
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - names)
-  if unknown:
-    raise SpecError(f"{where} has no field {unknown[0]!r}; its fields: {sorted(names)}")
-  kwargs = {k: _typed(v, hints[k], f"{where}.{k}") for k, v in values.items()}
-  return cls(**kwargs)
-
-
-def _typed(value: Any, hint: Any, where: str) -> Any:
-  origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if origin is typing.Union or origin is types.UnionType:
-    if value is None and type(None) in args:
-      return None
-    options = [a for a in args if a is not type(None)]
-    if len(options) > 1:
-      return _tagged(value, options, where)
-    return _typed(value, options[0], where)
-  if dataclasses.is_dataclass(hint):
-    return _section(value, hint, where)
-  if origin is Literal:
-    if value not in args:
-      raise SpecError(f"{where}={value!r}; choose one of {args}")
-    return value
-  if origin is dict:
-    if not isinstance(value, Mapping):
-      raise SpecError(f"{where}={value!r} must be a dict")
-    return {_typed(k, args[0], f"{where} key"): _typed(v, args[1], f"{where}[{k!r}]")
-            for k, v in value.items()}
-  if origin is tuple:
-    if isinstance(value, str) or not isinstance(value, (tuple, list)):
-      raise SpecError(f"{where}={value!r} must be a tuple")
-    if len(args) == 2 and args[1] is Ellipsis:
-      return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if len(value) != len(args):
-      raise SpecError(f"{where}={value!r} must have {len(args)} entries")
-    pairs = enumerate(zip(value, args, strict=True))
-    return tuple(_typed(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
-  if hint is bool:
-    if not isinstance(value, bool):
-      raise SpecError(f"{where}={value!r} must be True or False")
-    return value
-  if hint is int:
-    if isinstance(value, bool) or not isinstance(value, int):
-      raise SpecError(f"{where}={value!r} must be an int")
-    return value
-  if hint is float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-      raise SpecError(f"{where} must be a finite number, got {value!r}")
-    return float(value)
-  if hint is str:
-    if not isinstance(value, str):
-      raise SpecError(f"{where}={value!r} must be a string")
-    return value
-  raise TypeError(f"{where}: no parser for {hint!r}")  # a spec field of an unsupported type
-
-
-def _section(value: Any, cls: type, where: str) -> Any:
-  """A nested spec (``config.encoder``): a sub-dict parsed field by field, or a parsed spec."""
-  if isinstance(value, cls):
-    return value
-  if hasattr(value, "to_dict"):  # an ml_collections ConfigDict at the boundary
-    value = value.to_dict()
-  if not isinstance(value, Mapping):
-    raise SpecError(f"{where}={value!r} must be a dict of the fields of {cls.__name__}")
-  return parse(cls, value, where)
-
-
-def _tagged(value: Any, options: list[type], where: str) -> Any:
-  """One of several nested specs, chosen by the value of their ``name`` field (a Literal)."""
-  by_name = {typing.get_args(typing.get_type_hints(c)["name"])[0]: c for c in options}
-  name = value.get("name") if isinstance(value, Mapping) else getattr(value, "name", None)
-  if name not in by_name:
-    raise SpecError(f"{where}.name={name!r}; choose one of {tuple(by_name)}")
-  return _section(value, by_name[name], where)
-
-
-def as_json(spec: Any) -> Any:
-  """A JSON-able copy of a spec (bundle and checkpoint metadata): dicts, lists, scalars.
-
-  Nested specs become dicts of their fields, tuples lists, a :class:`Nesting`
-  its dims and weights.
-  """
-  if isinstance(spec, Nesting):
-    return {"dims": list(spec.dims), "weights": list(spec.weights)}
-  if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-    return {f.name: as_json(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
-  if isinstance(spec, Mapping):
-    return {str(k): as_json(v) for k, v in spec.items()}
-  if isinstance(spec, (tuple, list)):
-    return [as_json(v) for v in spec]
-  return spec
-
-
 def _at_least(spec: Any, name: str, low: float) -> None:
   value = getattr(spec, name)
   if value < low:
@@ -395,11 +289,11 @@ def run_spec(config: Mapping[str, Any], nesting: Nesting) -> RunSpec:
   """
   check_no_moved_fields(config.keys())
   return RunSpec(
-      task=_typed(config["task"], str, "config.task"),
-      seed=_typed(config["seed"], int, "config.seed"),
-      half_precision=_typed(config["half_precision"], bool, "config.half_precision"),
-      batch_size=_typed(config["batch_size"], int, "config.batch_size"),
-      embed_dim=_typed(config["encoder"]["embed_dim"], int, "config.encoder.embed_dim"),
+      task=typed_value(config["task"], str, "config.task"),
+      seed=typed_value(config["seed"], int, "config.seed"),
+      half_precision=typed_value(config["half_precision"], bool, "config.half_precision"),
+      batch_size=typed_value(config["batch_size"], int, "config.batch_size"),
+      embed_dim=typed_value(config["encoder"]["embed_dim"], int, "config.encoder.embed_dim"),
       nesting=nesting,
       optim=parse(OptimSpec, dict(config.get("optim") or {}), "config.optim"),
       loop=parse(LoopSpec, dict(config.get("loop") or {}), "config.loop"),
