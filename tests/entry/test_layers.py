@@ -9,7 +9,7 @@ import pathlib
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "mrl_jax"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "mrl_jax"
 
 # Bottom first; a layer imports only from the layers before it (never a sibling).
 LAYERS = [
