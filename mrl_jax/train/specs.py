@@ -30,12 +30,13 @@ from typing import Any, Literal
 
 from mrl_jax.core.nesting import Nesting
 
-# The typed parser lives in core (data parses config.input with it too); its names stay
-# reachable here as specs.parse / specs.SpecError / specs.as_json.
-from mrl_jax.core.typed import SpecError as SpecError
-from mrl_jax.core.typed import as_json as as_json
-from mrl_jax.core.typed import parse as parse
-from mrl_jax.core.typed import typed_value
+# The typed parser lives in core (data parses config.input with it too).
+from mrl_jax.core.typed import (  # noqa: F401  (re-exported: specs.parse, specs.SpecError)
+  SpecError,
+  as_json,
+  parse,
+  typed_value,
+)
 
 MOVED = {
     "optimizer": "optim.optimizer", "learning_rate": "optim.learning_rate",
